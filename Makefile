@@ -1,0 +1,39 @@
+# The two commands: `make demo` and `make test` (README). Both build .venv/ first.
+#
+# torch is installed on its own line, before everything else, so the CPU venv never pulls a CUDA
+# build: on this project's machines `torch==2.13.0` resolves to the CPU wheel. Elsewhere, point pip
+# at the CPU wheels, e.g.
+#   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# The Docker image installs the CUDA build instead (see Dockerfile).
+
+PYTHON     ?= $(shell command -v python3.11 || command -v python3)
+VENV       := .venv
+PY         := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean-volume
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -c "import torch, transformers, peft, trl, runpod; print('venv ready: torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+	touch $@
+
+# A real training job on a tiny model, through handler.py, with the embedded defaults:
+# volume ./.volume, artifacts in ./.volume/artifacts, records in ./.volume/records.sqlite3.
+demo: venv
+	$(PY) demo/build_demo.py
+	$(PY) handler.py --test_input "$$($(PY) demo/show.py input)"
+	$(PY) demo/show.py result
+
+# Starts what the tests need (scripts/test.sh) and runs the whole suite.
+test: venv
+	bash scripts/test.sh $(PYTEST_ARGS)
+
+clean-volume:
+	rm -rf .volume

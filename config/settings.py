@@ -1,0 +1,157 @@
+"""WorkerSettings: the worker's environment, read once and validated (CONTRACT §3).
+
+Built in ``handler.main``/on first use, never at import time, and passed down to the stages: no
+stage reads ``os.environ`` itself. Secrets are ``SecretStr`` so they never print.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+RUNPOD_VOLUME = Path("/runpod-volume")
+
+
+def _default_volume_root() -> Path:
+    return RUNPOD_VOLUME if RUNPOD_VOLUME.is_dir() else Path(".volume").resolve()
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="",
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    # --- storage roots -------------------------------------------------------------------------
+    volume_root: Path = Field(default_factory=_default_volume_root)
+    models_dir: Path | None = None
+    model_path: Path | None = None
+    hf_home: Path | None = None
+    hf_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+    )
+    default_base_model: str | None = None
+    trust_remote_code_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # --- artifact store (S3) -------------------------------------------------------------------
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("S3_ENDPOINT_URL", "BUCKET_ENDPOINT_URL")
+    )
+    aws_access_key_id: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "BUCKET_ACCESS_KEY_ID")
+    )
+    aws_secret_access_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "BUCKET_SECRET_ACCESS_KEY"),
+    )
+    aws_region: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
+    )
+
+    # --- records (Supabase) --------------------------------------------------------------------
+    supabase_url: str | None = None
+    supabase_service_role_key: SecretStr | None = None
+    supabase_jobs_table: str = "training_jobs"
+    supabase_artifacts_table: str = "training_artifacts"
+
+    # --- job behaviour -------------------------------------------------------------------------
+    gpu_hourly_usd: float | None = Field(default=None, ge=0)
+    max_train_seconds: float | None = Field(default=None, gt=0)
+    progress_interval_s: float = Field(default=5.0, ge=0)
+    max_dataset_bytes: int = Field(default=2 * 1024**3, gt=0)
+    max_inline_records: int = Field(default=10_000, gt=0)
+    log_level: str = "INFO"
+
+    @field_validator("trust_remote_code_models", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator(
+        "models_dir", "model_path", "hf_home", "s3_bucket", "s3_endpoint_url", "aws_region",
+        "supabase_url", "default_base_model", "gpu_hourly_usd", "max_train_seconds",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # An empty variable in a RunPod template means "not set", not "the empty path".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("volume_root", "models_dir", "model_path", "hf_home")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> WorkerSettings:
+        s3_given = {
+            "S3_BUCKET": self.s3_bucket,
+            "AWS_ACCESS_KEY_ID": self.aws_access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.aws_secret_access_key,
+        }
+        if any(s3_given.values()) or self.s3_endpoint_url:
+            missing = [name for name, value in s3_given.items() if not value]
+            if missing:
+                raise ValueError(
+                    "S3 is half-configured: set " + ", ".join(missing)
+                    + " (or unset every S3 variable to store artifacts on the volume)"
+                )
+        if bool(self.supabase_url) != bool(self.supabase_service_role_key):
+            missing = "SUPABASE_SERVICE_ROLE_KEY" if self.supabase_url else "SUPABASE_URL"
+            raise ValueError(
+                f"Supabase is half-configured: set {missing} "
+                "(or unset both to keep records in SQLite on the volume)"
+            )
+        return self
+
+    # --- derived paths -------------------------------------------------------------------------
+    @property
+    def models_root(self) -> Path:
+        return self.models_dir or self.volume_root / "models"
+
+    @property
+    def hf_cache_root(self) -> Path:
+        return self.hf_home or self.volume_root / "huggingface-cache"
+
+    @property
+    def artifacts_root(self) -> Path:
+        return self.volume_root / "artifacts"
+
+    @property
+    def checkpoints_root(self) -> Path:
+        return self.volume_root / "checkpoints"
+
+    @property
+    def jobs_root(self) -> Path:
+        """Scratch space per job on the volume: the trained adapter lives here until stored."""
+        return self.volume_root / "jobs"
+
+    @property
+    def records_path(self) -> Path:
+        return self.volume_root / "records.sqlite3"
+
+    @property
+    def allowed_roots(self) -> tuple[Path, ...]:
+        """Folders an absolute path in a job may point into."""
+        roots = [self.volume_root, self.models_root]
+        if self.model_path is not None:
+            roots.append(self.model_path)
+        return tuple(dict.fromkeys(roots))
+
+    def secret_values(self) -> list[str]:
+        """Every secret this worker holds, for scrubbing text before it leaves the process."""
+        secrets = (
+            self.hf_token, self.aws_access_key_id, self.aws_secret_access_key,
+            self.supabase_service_role_key,
+        )
+        return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]

@@ -1,0 +1,111 @@
+"""The worker's error taxonomy.
+
+Every failure a user can act on is one of these. Each carries the stage it belongs to (the prefix of
+RunPod's ``{"error": "<stage>: …"}``) and whether retrying the same job can help. Library code raises
+them ``from`` the cause; ``handler.py`` is the one place that turns them into output.
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base class: a failure with a stage and a message a user can act on."""
+
+    stage = "train"
+    retryable = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None, stage: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if retryable is not None:
+            self.retryable = retryable
+        if stage is not None:
+            self.stage = stage
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InputError(WorkerError):
+    """The job input is wrong: fix the payload."""
+
+    stage = "input"
+
+
+class ModelError(WorkerError):
+    """The base model cannot be found, fetched or loaded."""
+
+    stage = "model"
+
+
+class DatasetError(WorkerError):
+    """The dataset cannot be fetched, parsed or tokenized."""
+
+    stage = "dataset"
+
+
+class TrainingError(WorkerError):
+    """Training failed or was stopped."""
+
+    stage = "train"
+
+
+class StorageError(WorkerError):
+    """The adapter could not be stored in the artifact store."""
+
+    stage = "upload"
+    retryable = True
+
+
+class RecordError(WorkerError):
+    """The job or artifact record could not be written."""
+
+    stage = "record"
+    retryable = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Scrubbing: nothing secret leaves the process in an error, an output or a log line.
+
+import logging  # noqa: E402  (kept below the taxonomy, which is what most readers look for)
+import re  # noqa: E402
+
+_URL_QUERY = re.compile(r"((?:https?|s3)://[^\s?#'\"<>]+)\?[^\s'\"<>]*")
+_PATTERNS = (
+    (re.compile(r"\bhf_[A-Za-z0-9]{16,}"), "hf_<redacted>"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), "<redacted-jwt>"),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<redacted-key-id>"),
+    (re.compile(r"(?i)(authorization|x-amz-security-token|apikey)(['\"]?\s*[:=]\s*['\"]?)(?:bearer\s+)?([^\s'\",}]+)"),
+     r"\1\2<redacted>"),
+)
+
+
+def scrub(text: str, secrets: tuple[str, ...] | list[str] = ()) -> str:
+    """Remove URL query strings (signed URLs), known secret values and token-shaped strings."""
+    text = _URL_QUERY.sub(r"\1?<redacted>", str(text))
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "<redacted>")
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class ScrubFilter(logging.Filter):
+    """A logging filter that scrubs every record before any handler formats it."""
+
+    def __init__(self, secrets: tuple[str, ...] | list[str] = ()):
+        super().__init__()
+        self.secrets = tuple(secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = scrub(message, self.secrets)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        if record.exc_info:
+            # A traceback can quote locals and URLs: keep the exception's one line, scrubbed.
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {scrub(str(exc), self.secrets)})"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True

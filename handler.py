@@ -1,0 +1,86 @@
+"""RunPod serverless entry: validate the job, run its stages, return the output or {"error": …}.
+
+    python handler.py                      # the worker on RunPod
+    python handler.py --test_input '{…}'   # one local job, as the runpod SDK gives it
+    python handler.py --rp_serve_api       # RunPod's local /run, /runsync, /status API
+
+``import handler; handler.handler({"id": "…", "input": {…}})`` works from the repo root: settings are
+read from the environment on first use, not at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from functools import lru_cache
+from typing import Any
+
+from pydantic import ValidationError
+
+from config.job import TrainingJob, format_validation_error
+from config.settings import WorkerSettings
+from errors import ScrubFilter, WorkerError, scrub
+
+logger = logging.getLogger("handler")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> WorkerSettings:
+    return WorkerSettings()
+
+
+def configure_logging(settings: WorkerSettings) -> None:
+    root = logging.getLogger()
+    if not root.handlers:  # the runpod SDK installs one when imported; else ours
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    for handler in root.handlers:
+        if not any(isinstance(f, ScrubFilter) for f in handler.filters):
+            handler.addFilter(ScrubFilter(settings.secret_values()))
+    root.setLevel(settings.log_level.upper())
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _runpod_notify(job: dict[str, Any]):
+    """RunPod's progress_update, when there is a RunPod job to report to (not in local test mode)."""
+    if not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT") or job.get("id") in (None, "local_test"):
+        return None
+    import runpod
+
+    return lambda update: runpod.serverless.progress_update(job, update)
+
+
+def handler(job: dict[str, Any]) -> dict[str, Any]:
+    secrets: list[str] = []
+    try:
+        try:
+            settings = get_settings()
+        except ValidationError as exc:
+            stage = "upload" if "S3" in str(exc) else "record" if "Supabase" in str(exc) else "input"
+            raise WorkerError(f"worker settings: {format_validation_error(exc)}", stage=stage) from None
+        secrets = settings.secret_values()
+        configure_logging(settings)
+        request = TrainingJob.from_payload(job.get("input"), default_job_id=job.get("id"))
+        logger.info("job %s: %s %s", request.job_id, request.action, request.base_model or "(default model)")
+
+        import pipeline  # heavy imports (torch) only once a job is valid
+
+        output = pipeline.run(request, settings, notify=_runpod_notify(job))
+        logger.info("job %s: %s in %.1fs", request.job_id, output.get("status"),
+                    output.get("timings", {}).get("total_s", 0.0))
+        return output
+    except WorkerError as exc:
+        message = scrub(f"{exc.stage}: {exc.message}", secrets)
+        logger.error("job %s failed: %s", job.get("id"), message)
+        return {"error": message}
+
+
+if __name__ == "__main__":
+    # The SDK logs each raw job payload at DEBUG, its default level: payloads can carry credentials.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+    import runpod
+
+    runpod.serverless.start({"handler": handler})

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny models built from configs (once per session) and a fresh volume per test.
+
+Everything is offline: HF_HUB_OFFLINE=1, no hub, no weights from anywhere but ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from config.settings import WorkerSettings  # noqa: E402
+from demo.tiny_models import build_tiny_model, chat_corpus  # noqa: E402
+
+DEMO_DATA = ROOT / "demo" / "data" / "capitals.jsonl"
+
+
+def worker_env_names() -> set[str]:
+    """Every environment variable WorkerSettings reads, so tests start from none of them."""
+    names = set()
+    for name, field in WorkerSettings.model_fields.items():
+        names.add(name.upper())
+        alias = field.validation_alias
+        for choice in getattr(alias, "choices", []) or []:
+            names.add(str(choice).upper())
+    return names | {"HF_HOME"}
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    """build(family) → the folder of a tiny saved model of that family, built once per session."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    corpus = chat_corpus(DEMO_DATA)
+
+    def build(family: str = "llama", **kwargs) -> Path:
+        suffix = "-".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
+        return build_tiny_model(root / f"{family}{'-' + suffix if suffix else ''}", family=family,
+                                corpus=corpus, **kwargs)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(model_factory) -> Path:
+    return model_factory("llama")
+
+
+@pytest.fixture
+def volume(tmp_path, tiny_llama, monkeypatch) -> Path:
+    """A fresh volume with the tiny Llama at models/tiny-llama and the demo data at datasets/."""
+    vol = tmp_path / "volume"
+    shutil.copytree(tiny_llama, vol / "models" / "tiny-llama")
+    (vol / "datasets").mkdir(parents=True)
+    shutil.copyfile(DEMO_DATA, vol / "datasets" / "capitals.jsonl")
+    for name in worker_env_names():
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VOLUME_ROOT", str(vol))
+    monkeypatch.setenv("PROGRESS_INTERVAL_S", "0")
+
+    import handler
+
+    handler.get_settings.cache_clear()
+    yield vol
+    handler.get_settings.cache_clear()
+
+
+@pytest.fixture
+def settings(volume) -> WorkerSettings:
+    return WorkerSettings()
+
+
+def small_job(**overrides) -> dict:
+    """A job input that trains the tiny Llama in a couple of seconds."""
+    job = {
+        "base_model": "tiny-llama",
+        "dataset": {"uri": "datasets/capitals.jsonl", "max_examples": 32},
+        "hyperparameters": {
+            "epochs": 2, "learning_rate": 5e-3, "batch_size": 8, "gradient_accumulation_steps": 1,
+            "max_seq_length": 128, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+            "logging_steps": 1,
+        },
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(job.get(key), dict):
+            job[key] = {**job[key], **value}
+        else:
+            job[key] = value
+    return job

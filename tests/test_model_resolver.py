@@ -1,0 +1,116 @@
+"""model_resolver (first cut): volume folders, absolute paths, MODEL_PATH — and never the wrong model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from config.settings import WorkerSettings
+from errors import InputError, ModelError
+from model_resolver import MARKER_NAME, resolve_model
+
+
+def test_folder_name_under_models_dir(settings):
+    resolved = resolve_model("tiny-llama", None, settings)
+    assert resolved.source == "volume"
+    assert resolved.id == "tiny-llama"
+    assert resolved.path == (settings.models_root / "tiny-llama").resolve()
+    assert resolved.fingerprint.startswith("sha256:") and len(resolved.fingerprint) == 71
+    assert resolved.signature.model_type == "llama"
+    assert resolved.signature.fields["num_hidden_layers"] == 2
+
+
+def test_org_name_layout_gives_the_repo_id(settings):
+    shutil.copytree(settings.models_root / "tiny-llama", settings.models_root / "acme" / "tiny")
+    resolved = resolve_model("acme/tiny", None, settings)
+    assert (resolved.id, resolved.source) == ("acme/tiny", "volume")
+
+
+def test_absolute_path_inside_the_volume(settings):
+    path = str(settings.models_root / "tiny-llama")
+    resolved = resolve_model(path, None, settings)
+    assert resolved.source == "volume" and resolved.id == "tiny-llama"
+
+
+@pytest.mark.parametrize("reference", ["/etc", "/tmp", "/"])
+def test_absolute_path_outside_the_volume_is_refused(settings, reference):
+    with pytest.raises(InputError, match="outside the allowed folders"):
+        resolve_model(reference, None, settings)
+
+
+def test_symlink_out_of_the_volume_is_refused(settings, tmp_path, tiny_llama):
+    outside = tmp_path / "outside-model"
+    shutil.copytree(tiny_llama, outside)
+    os.symlink(outside, settings.models_root / "sneaky")
+    with pytest.raises(InputError, match="links outside"):
+        resolve_model("sneaky", None, settings)
+    with pytest.raises(InputError, match="links outside"):
+        resolve_model(str(settings.models_root / "sneaky"), None, settings)
+
+
+def test_missing_model_names_where_it_looked(settings):
+    with pytest.raises(ModelError) as info:
+        resolve_model("acme/absent", None, settings)
+    assert "'acme/absent' was not found" in str(info.value)
+    assert str(settings.models_root / "acme" / "absent") in str(info.value)
+
+
+def test_folder_without_config_is_not_a_model(settings):
+    (settings.models_root / "half").mkdir()
+    (settings.models_root / "half" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelError):
+        resolve_model(str(settings.models_root / "half"), None, settings)
+
+
+def test_model_path_used_when_the_job_names_it_or_none(volume, monkeypatch):
+    holder = volume / "pinned" / "acme" / "tiny"
+    shutil.copytree(volume / "models" / "tiny-llama", holder)
+    monkeypatch.setenv("MODEL_PATH", str(holder))
+    settings = WorkerSettings()
+    for requested in ("acme/tiny", None, str(holder)):
+        resolved = resolve_model(requested, None, settings)
+        assert resolved.source == "model_path", requested
+        assert resolved.path == holder
+
+
+def test_model_path_holding_another_model_is_never_used(volume, monkeypatch):
+    holder = volume / "pinned" / "mistral-7b"
+    shutil.copytree(volume / "models" / "tiny-llama", holder)
+    (holder / MARKER_NAME).write_text(json.dumps({"repo_id": "mistralai/Mistral-7B-v0.1"}))
+    monkeypatch.setenv("MODEL_PATH", str(holder))
+    settings = WorkerSettings()
+    with pytest.raises(ModelError) as info:
+        resolve_model("Qwen/Qwen3-Next-80B-A3B-Instruct", None, settings)
+    message = str(info.value)
+    assert "Qwen/Qwen3-Next-80B-A3B-Instruct" in message and "mistralai/Mistral-7B-v0.1" in message
+    assert "not used" in message
+    assert resolve_model("mistralai/Mistral-7B-v0.1", None, settings).source == "model_path"
+
+
+def test_default_base_model_and_missing_everything(volume, monkeypatch):
+    with pytest.raises(InputError, match="base_model is missing"):
+        resolve_model(None, None, WorkerSettings())
+    monkeypatch.setenv("DEFAULT_BASE_MODEL", "tiny-llama")
+    assert resolve_model(None, None, WorkerSettings()).id == "tiny-llama"
+
+
+def test_remote_code_needs_the_allow_list(volume, monkeypatch):
+    config_path = volume / "models" / "tiny-llama" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.X"}
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="TRUST_REMOTE_CODE_MODELS"):
+        resolve_model("tiny-llama", None, WorkerSettings())
+    monkeypatch.setenv("TRUST_REMOTE_CODE_MODELS", "other/x, tiny-llama")
+    assert resolve_model("tiny-llama", None, WorkerSettings()).trust_remote_code is True
+
+
+def test_recorded_revision_must_match_a_pin(settings):
+    folder = settings.models_root / "tiny-llama"
+    (folder / MARKER_NAME).write_text(json.dumps({"repo_id": "acme/tiny", "revision": "a" * 40}))
+    assert resolve_model("tiny-llama", "aaaaaaa", settings).revision == "a" * 40
+    with pytest.raises(ModelError, match="holds commit"):
+        resolve_model("tiny-llama", "b" * 40, settings)

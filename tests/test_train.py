@@ -1,0 +1,104 @@
+"""train_lora: LoRA moves, the base does not, and the saved adapter reproduces the trained model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from config.job import TrainingJob
+from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
+from errors import InputError
+from tests.conftest import small_job
+from train_lora import EXCLUDED_MODULES, find_target_modules, plan_runtime, train_lora
+
+
+class Snapshot(TrainerCallback):
+    """Every parameter as it was just before the first optimizer step."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _train(settings, model_dir, tmp_path, **overrides):
+    job = TrainingJob.from_payload(small_job(**overrides))
+    tokenizer = load_tokenizer(model_dir)
+    raw = read_dataset(job.dataset, settings, seed=job.hyperparameters.seed)
+    data = tokenize_dataset(raw, tokenizer, max_seq_length=job.hyperparameters.max_seq_length,
+                            train_on_inputs=False)
+    snapshot = Snapshot()
+    result = train_lora(model_dir, data, job.hyperparameters, tmp_path / "job",
+                        checkpoint_dir=tmp_path / "ckpt", tokenizer=tokenizer,
+                        base_model_id="org/tiny-llama", base_revision="abc123", callbacks=[snapshot])
+    return result, snapshot, tokenizer
+
+
+def test_training_moves_lora_weights_only_and_reloads_identically(settings, tmp_path):
+    model_dir = settings.models_root / "tiny-llama"
+    result, snapshot, tokenizer = _train(settings, model_dir, tmp_path)
+    model = result.model
+
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    base = {n: p for n, p in model.named_parameters() if "lora_" not in n}
+    assert lora and base
+    for name, param in lora.items():
+        assert param.requires_grad
+        assert not torch.equal(param.detach(), snapshot.before[name]), f"LoRA weight {name} did not move"
+    for name, param in base.items():
+        assert not param.requires_grad
+        assert torch.equal(param.detach(), snapshot.before[name]), f"base weight {name} changed"
+    # ... and the base weights are still the ones on disk.
+    pristine = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    for name, param in model.get_base_model().state_dict().items():
+        if "lora_" not in name and ".base_layer." not in name:
+            assert torch.equal(param, pristine[name]), name
+
+    assert result.metrics["steps"] == 8  # 32 examples / batch 8 * 2 epochs
+    assert result.metrics["last_loss"] < result.metrics["first_loss"]
+    assert result.metrics["train_tokens"] > 0
+
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/tiny-llama"  # the canonical id, not a path
+    assert config["revision"] == "abc123"
+    assert sorted(config["target_modules"]) == sorted(result.target_modules)
+
+    ids = tokenizer("The capital of Peru is Lima.", return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        trained = model(**ids).logits
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
+                                             str(result.adapter_dir)).eval()(**ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()(**ids).logits
+    torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, trained, atol=1e-3), "the adapter changed nothing"
+
+
+def test_auto_targets_are_projections_not_heads_or_routers(tiny_llama, model_factory):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert find_target_modules(model, "auto") == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    moe = AutoModelForCausalLM.from_pretrained(model_factory("qwen3_next"))
+    chosen = find_target_modules(moe, "auto")
+    assert not set(chosen) & EXCLUDED_MODULES
+    assert {"q_proj", "o_proj", "out_proj"} <= set(chosen)
+
+
+def test_explicit_targets_that_match_nothing_list_what_exists(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with pytest.raises(InputError) as info:
+        find_target_modules(model, ["q_proj", "query_key_value"])
+    assert "['query_key_value']" in str(info.value) and "q_proj" in str(info.value)
+
+
+def test_quantization_without_cuda_is_an_input_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    hp = TrainingJob.from_payload(small_job(hyperparameters={"quantization": "4bit"})).hyperparameters
+    with pytest.raises(InputError, match="needs a CUDA GPU"):
+        plan_runtime(hp)
+    runtime = plan_runtime(TrainingJob.from_payload(small_job()).hyperparameters)
+    assert (runtime.device, runtime.precision, runtime.quantization) == ("cpu", "fp32", "none")
+    assert runtime.gradient_checkpointing is False
