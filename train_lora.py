@@ -103,9 +103,20 @@ def find_target_modules(model, requested: str | list[str]) -> list[str]:
     return list(requested)
 
 
+def quiet_progress_bars() -> None:
+    """tqdm bars are carriage-return noise in a worker's log; progress is logged per step instead."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
+
+    quiet_progress_bars()
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[runtime.precision]
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}

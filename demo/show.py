@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def make_input() -> None:
 
 
 def show_result() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
