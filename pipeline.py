@@ -22,7 +22,7 @@ import adapters
 from config.job import TrainingJob
 from config.settings import WorkerSettings
 from errors import TrainingError, WorkerError
-from model_resolver import ResolvedModel, resolve_model
+from model_resolver import ModelNotCached, ResolvedModel, fetch_metadata, probe_missing, resolve_model
 from storage.artifacts import ArtifactStore, open_artifact_store
 from storage.records import Records, now_iso, open_records
 
@@ -172,8 +172,22 @@ def _resolve(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> Re
         return resolve_model(job.base_model, job.model_revision, settings)
 
 
-def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resolved: ResolvedModel):
-    """Read the data first (cheap, no tokenizer), then check the runtime, then tokenize."""
+def _locate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> ResolvedModel | None:
+    """The model if it is on this worker; else None after checking the Hub can supply it (one call).
+
+    The download itself waits until the dataset has been read, so a bad dataset fails in seconds
+    instead of after a long download.
+    """
+    with tracker.stage("model", "resolve_s"):
+        try:
+            return resolve_model(job.base_model, job.model_revision, settings, download=False)
+        except ModelNotCached as miss:
+            probe_missing(miss, job.model_revision, settings)
+            return None
+
+
+def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resolved: ResolvedModel | None):
+    """Read the data (cheap, no tokenizer), check the runtime, fetch the model if needed, tokenize."""
     from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
     from train_lora import plan_runtime
 
@@ -181,16 +195,22 @@ def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resol
     with tracker.stage("dataset", "dataset_s"):
         raw = read_dataset(job.dataset, settings, seed=hp.seed)
     runtime = plan_runtime(hp)
+    if resolved is None:
+        resolved = _resolve(job, settings, tracker)  # the download: counted in resolve_s
     with tracker.stage("dataset", "dataset_s"):
         tokenizer = load_tokenizer(resolved.path, resolved.trust_remote_code)
         prepared = tokenize_dataset(raw, tokenizer, max_seq_length=hp.max_seq_length,
                                     train_on_inputs=hp.train_on_inputs)
-    return runtime, tokenizer, prepared
+    return resolved, runtime, tokenizer, prepared
 
 
 def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> dict:
-    resolved = _resolve(job, settings, tracker)
-    _, _, prepared = _prepare(job, settings, tracker, resolved)
+    with tracker.stage("model", "resolve_s"):
+        try:
+            located = resolve_model(job.base_model, job.model_revision, settings, download=False)
+        except ModelNotCached as miss:  # validation needs the tokenizer, never the weights
+            located = fetch_metadata(miss, job.model_revision, settings)
+    resolved, _, _, prepared = _prepare(job, settings, tracker, located)
     return {"job_id": job.job_id, "status": "valid", "base_model": resolved.to_output(),
             "dataset": prepared.report.to_dict()}
 
@@ -207,8 +227,7 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     job_id = tracker.job_id
     hp = job.hyperparameters
     store = open_artifact_store(settings)  # a misconfigured store fails before any GPU minute
-    resolved = _resolve(job, settings, tracker)
-    runtime, tokenizer, prepared = _prepare(job, settings, tracker, resolved)
+    resolved, runtime, tokenizer, prepared = _prepare(job, settings, tracker, _locate(job, settings, tracker))
 
     job_dir = settings.jobs_root / job_id
     with tracker.stage("train", "train_s"):

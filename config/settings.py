@@ -38,6 +38,10 @@ class WorkerSettings(BaseSettings):
     )
     default_base_model: str | None = None
     trust_remote_code_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    hf_endpoint: str | None = None  # a Hub mirror; huggingface_hub's default when unset
+    allow_pickle_weights: bool = False  # .bin/.pth weights run pickle code when loaded
+    download_lock_timeout_s: float = Field(default=4 * 3600, gt=0)
+    download_free_disk_margin_bytes: int = Field(default=2 * 1024**3, ge=0)
 
     # --- artifact store (S3) -------------------------------------------------------------------
     s3_bucket: str | None = None
@@ -78,7 +82,7 @@ class WorkerSettings(BaseSettings):
         return value
 
     @field_validator(
-        "models_dir", "model_path", "hf_home", "s3_bucket", "s3_endpoint_url", "aws_region",
+        "models_dir", "model_path", "hf_home", "hf_endpoint", "s3_bucket", "s3_endpoint_url", "aws_region",
         "supabase_url", "default_base_model", "gpu_hourly_usd", "max_train_seconds",
         mode="before",
     )

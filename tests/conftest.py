@@ -116,3 +116,23 @@ def s3_bucket(s3_server, request) -> str:
     bucket = f"{name}-{uuid.uuid4().hex[:8]}"
     s3_server.client().create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture
+def hub(volume, monkeypatch):
+    """A local Hugging Face Hub (tests/hub_server.py); the worker's HF_ENDPOINT points at it.
+
+    The suite runs with HF_HUB_OFFLINE=1; tests that use this fixture go online, to it alone.
+    """
+    import huggingface_hub.constants
+
+    from tests.hub_server import HubServer
+
+    server = HubServer()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    import handler
+
+    handler.get_settings.cache_clear()
+    yield server
+    server.close()

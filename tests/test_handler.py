@@ -99,7 +99,8 @@ def test_adapter_loads_onto_the_base(volume):
 BAD_INPUTS = [
     ("unknown key", small_job(hyperparameter={"lora_r": 8}), "input: unknown key 'hyperparameter'; did you mean 'hyperparameters'?"),
     ("rank out of range", small_job(hyperparameters={"lora_r": 4096}), "input: hyperparameters.lora_r: should be less than or equal to 1024; got 4096"),
-    ("missing model", small_job(base_model="acme/not-there"), "model: base model 'acme/not-there' was not found"),
+    ("missing model", small_job(base_model="acme/not-there"), "model: base model 'acme/not-there' is not on this worker (looked in: "),
+    ("missing folder", small_job(base_model="not-there"), "model: base model 'not-there' is not on this worker (looked in: "),
     ("missing dataset", small_job(dataset={"uri": "datasets/absent.jsonl"}), "dataset: dataset file datasets/absent.jsonl does not exist"),
     ("no dataset at all", {"base_model": "tiny-llama"}, "input: action 'train' needs a 'dataset'"),
     ("not an object", "train please", "input: the job input must be a JSON object; got str"),

@@ -54,8 +54,12 @@ def test_symlink_out_of_the_volume_is_refused(settings, tmp_path, tiny_llama):
 def test_missing_model_names_where_it_looked(settings):
     with pytest.raises(ModelError) as info:
         resolve_model("acme/absent", None, settings)
-    assert "'acme/absent' was not found" in str(info.value)
-    assert str(settings.models_root / "acme" / "absent") in str(info.value)
+    message = str(info.value)
+    assert "'acme/absent' is not on this worker" in message
+    assert str(settings.models_root / "acme" / "absent") in message and "huggingface-cache" in message
+    assert "HF_HUB_OFFLINE is set" in message  # the suite runs offline: no download was attempted
+    with pytest.raises(ModelError, match="not a Hugging Face repo id"):
+        resolve_model("absent", None, settings)
 
 
 def test_folder_without_config_is_not_a_model(settings):
