@@ -23,6 +23,7 @@ from config.job import TrainingJob
 from config.settings import WorkerSettings
 from errors import TrainingError, WorkerError
 from model_resolver import ModelNotCached, ResolvedModel, fetch_metadata, probe_missing, resolve_model
+from model_staging import plan_loading
 from storage.artifacts import ArtifactStore, open_artifact_store
 from storage.records import Records, now_iso, open_records
 
@@ -229,18 +230,20 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     store = open_artifact_store(settings)  # a misconfigured store fails before any GPU minute
     resolved, runtime, tokenizer, prepared = _prepare(job, settings, tracker, _locate(job, settings, tracker))
 
+    with tracker.stage("model", "stage_s"):
+        load = plan_loading(resolved.path, settings.model_load_strategy, settings.local_stage_dir)
     job_dir = settings.jobs_root / job_id
     with tracker.stage("train", "train_s"):
         if job_dir.exists():
             shutil.rmtree(job_dir)  # an earlier attempt that never finished: start clean
         result = train_lora(
-            resolved.path, prepared, hp, job_dir,
+            load.path, prepared, hp, job_dir,
             checkpoint_dir=settings.checkpoints_root / job_id,
             tokenizer=tokenizer, base_model_id=resolved.id, base_revision=resolved.revision,
             runtime=runtime, on_progress=tracker.on_train_progress,
             trust_remote_code=resolved.trust_remote_code,
         )
-    tracker.timings["load_s"] = round(result.load_seconds, 3)
+    tracker.timings["load_s"] = round(tracker.timings.pop("stage_s") + result.load_seconds, 3)
     tracker.timings["train_s"] = round(result.train_seconds, 3)
 
     with tracker.stage("save", "save_s"):
@@ -273,7 +276,8 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     return {
         "job_id": job_id,
         "status": "succeeded",
-        "base_model": {k: v for k, v in resolved.to_output().items() if k != "architecture"},
+        "base_model": {**{k: v for k, v in resolved.to_output().items() if k != "architecture"},
+                       "load": load.to_output()},
         "adapter": stored.to_output(),
         "record_id": record_id,
         "metrics": metrics,

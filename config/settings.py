@@ -7,7 +7,7 @@ stage reads ``os.environ`` itself. Secrets are ``SecretStr`` so they never print
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,6 +42,9 @@ class WorkerSettings(BaseSettings):
     allow_pickle_weights: bool = False  # .bin/.pth weights run pickle code when loaded
     download_lock_timeout_s: float = Field(default=4 * 3600, gt=0)
     download_free_disk_margin_bytes: int = Field(default=2 * 1024**3, ge=0)
+    # Network volumes are slow at the small random reads of memory-mapped loading: stage to local disk.
+    model_load_strategy: Literal["auto", "stage", "direct"] = "auto"
+    local_stage_dir: Path = Path("/tmp/lora-worker-models")
 
     # --- artifact store (S3) -------------------------------------------------------------------
     s3_bucket: str | None = None
@@ -91,7 +94,7 @@ class WorkerSettings(BaseSettings):
         # An empty variable in a RunPod template means "not set", not "the empty path".
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("volume_root", "models_dir", "model_path", "hf_home")
+    @field_validator("volume_root", "models_dir", "model_path", "hf_home", "local_stage_dir")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return value.expanduser().resolve() if value is not None else None

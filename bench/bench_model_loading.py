@@ -1,0 +1,157 @@
+"""How should a worker load a base model: memory-map it in place, or stage it onto local disk first?
+
+    .venv/bin/python bench/bench_model_loading.py [--hidden 1024 --layers 12 --repeats 3]
+
+Builds a Llama-shaped model (about 0.9 GB of fp32 safetensors with the defaults) and times, side by
+side and alternating, from a cold page cache (POSIX_FADV_DONTNEED on every file before each run):
+
+  direct   from_pretrained on the folder (safetensors are memory-mapped: page-fault sized reads)
+  staged   model_staging.stage_folder (16 MiB sequential reads into a local copy) + from_pretrained
+
+and the raw read pattern underneath each (sequential 16 MiB blocks vs touching every page through a
+memory map in tensor order). Prints medians and the ratio staged/direct. On a local disk staging is
+pure overhead (an extra copy); the case it exists for is a network filesystem, where each small
+read costs a round trip — which this machine cannot reproduce (no network filesystem here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def evict(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def build(folder: Path, hidden: int, layers: int) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").exists():
+        return folder
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                         num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 256, 1),
+                         vocab_size=32000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder, max_shard_size="400MB")
+    return folder
+
+
+def load(folder: Path) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    # Touch every weight, as moving it to a GPU would: an mmap'd tensor is read only when used.
+    total = sum(float(p.detach().view(-1)[:: 4096].sum()) for p in model.parameters())
+    elapsed = time.perf_counter() - started
+    del model, total
+    return elapsed
+
+
+def read_sequential(folder: Path) -> float:
+    started = time.perf_counter()
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb", buffering=0) as fh:
+            while fh.read(16 * 1024 * 1024):
+                pass
+    return time.perf_counter() - started
+
+
+def read_mmap_tensor_order(folder: Path) -> float:
+    """Touch every page through a memory map, tensor by tensor in header order (what loading does)."""
+    started = time.perf_counter()
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            base = 8 + length
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                for offset in range(base + start, base + end, mmap.PAGESIZE):
+                    mm[offset]
+            mm.close()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", default=str(ROOT / "build" / "bench-loading"))
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="serve the model through bench/latency_fs.py, adding this delay to every read")
+    args = parser.parse_args()
+
+    from model_staging import filesystem_type, stage_folder
+
+    work = Path(args.workdir)
+    model = build(work / "model", args.hidden, args.layers)
+    fuse = None
+    if args.latency_ms > 0:
+        import subprocess
+
+        mount = work / "mnt"
+        mount.mkdir(exist_ok=True)
+        fuse = subprocess.Popen([sys.executable, str(ROOT / "bench" / "latency_fs.py"), str(model), str(mount),
+                                 "--latency-ms", str(args.latency_ms)])
+        for _ in range(50):
+            if (mount / "config.json").exists():
+                break
+            time.sleep(0.2)
+        model = mount
+    print(f"reading from {model} ({filesystem_type(model) or '?'}"
+          f"{f', +{args.latency_ms} ms per read' if args.latency_ms else ''})")
+    size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    results: dict[str, list[float]] = {k: [] for k in ("direct", "staged", "seq_read", "mmap_read")}
+    for _ in range(args.repeats):
+        evict(model)
+        results["direct"].append(load(model))
+
+        evict(model)
+        stage_root = Path(tempfile.mkdtemp(dir=work))
+        started = time.perf_counter()
+        staged, _ = stage_folder(model, stage_root)
+        results["staged"].append(time.perf_counter() - started + load(staged))
+        shutil.rmtree(stage_root)
+
+        evict(model)
+        results["seq_read"].append(read_sequential(model))
+        evict(model)
+        results["mmap_read"].append(read_mmap_tensor_order(model))
+
+    if fuse is not None:
+        subprocess.run(["fusermount", "-u", str(model)], check=False)
+        fuse.wait(timeout=10)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"model: {size / 1e9:.2f} GB fp32 safetensors in {len(list(model.glob('*.safetensors')))} shards, "
+          f"{args.repeats} alternating runs, cold page cache each run")
+    for key, value in med.items():
+        print(f"  {key:10s} median {value:6.2f} s   ({size / 1e6 / value:7.0f} MB/s)   runs {[round(x, 2) for x in results[key]]}")
+    print(f"  ratio staged/direct load: {med['staged'] / med['direct']:.2f}")
+    print(f"  ratio mmap/sequential read: {med['mmap_read'] / med['seq_read']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
