@@ -23,7 +23,7 @@ COPY requirements.txt requirements-gpu.txt ./
 RUN pip install -r requirements.txt -r requirements-gpu.txt
 
 # The worker's code only: no tests, no test_input.json (the runpod SDK would run it and exit).
-COPY handler.py cli.py pipeline.py errors.py adapters.py model_resolver.py dataset_loader.py train_lora.py ./
+COPY *.py ./
 COPY config/ config/
 COPY storage/ storage/
 COPY demo/ demo/

@@ -119,9 +119,10 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
         return _validate(job, settings, Tracker(job_id, None, notify, settings.progress_interval_s))
     if job.action == "prefetch":
         return _prefetch(job, settings, Tracker(job_id, None, notify, settings.progress_interval_s))
-    if job.action != "train":
-        raise WorkerError(f"action '{job.action}' is not available in this worker build; "
-                          "use 'train', 'validate' or 'prefetch'", stage="input")
+    if job.action == "selftest":
+        from selftest import run_selftest
+
+        return run_selftest(settings, notify)
 
     records = open_records(settings)
     tracker = Tracker(job_id, records, notify, settings.progress_interval_s)

@@ -187,6 +187,9 @@ class TrainingJob(StrictModel):
                 )
             if self.dataset is None:
                 object.__setattr__(self, "dataset", DatasetSpec(uri=self.dataset_url))
+        if self.action == "selftest" and (self.dataset is not None or self.base_model):
+            raise ValueError("action 'selftest' brings its own tiny model and data; send no 'base_model' "
+                             "or 'dataset'")
         if self.action in ("train", "validate") and self.dataset is None:
             raise ValueError(
                 f"action '{self.action}' needs a 'dataset' (an object with 'uri' or 'records', "

@@ -221,3 +221,36 @@ def test_prefetch_of_a_volume_model_reports_it_cached(volume):
     output = handler.handler({"id": "pf", "input": {"action": "prefetch", "base_model": "tiny-llama"}})
     assert output["status"] == "cached" and output["base_model"]["source"] == "volume"
     assert output["bytes"] > 0
+
+
+def test_selftest_reports_every_check(volume):
+    output = handler.handler({"id": "st", "input": {"action": "selftest"}})
+    assert output["status"] == "passed", output
+    names = [c["name"] for c in output["checks"]]
+    assert names == ["volume", "model loading", "dataset loading", "training", "adapter saving", "upload",
+                     "artifact row"]
+    assert all(c["passed"] is True and c["seconds"] >= 0 and c["detail"] for c in output["checks"])
+    row = SqliteRecords(volume / "records.sqlite3").get_artifact(output["job_id"])
+    assert row is not None and row["uri"].startswith("file://")
+
+
+def test_selftest_names_the_failing_step(volume, monkeypatch):
+    def broken_store(settings):
+        class Broken:
+            def put(self, job_dir, prefix, job_id):
+                from errors import StorageError
+                raise StorageError("the bucket refused the upload (AccessDenied)")
+
+            def find_complete(self, prefix, job_id):
+                return None
+        return Broken()
+
+    import pipeline
+    monkeypatch.setattr(pipeline, "open_artifact_store", broken_store)
+    output = handler.handler({"id": "st2", "input": {"action": "selftest"}})
+    assert output["status"] == "failed"
+    by_name = {c["name"]: c for c in output["checks"]}
+    assert by_name["training"]["passed"] is True
+    assert by_name["upload"]["passed"] is False and "AccessDenied" in by_name["upload"]["detail"]
+    assert "kept at" in by_name["upload"]["detail"]
+    assert by_name["artifact row"]["passed"] is None

@@ -89,6 +89,7 @@ INVALID = [
     ("prefix with dot-dot", {"dataset": DATA, "output": {"prefix": "a/../b"}}, ["output.prefix"]),
     ("dataset_url disagrees with dataset.uri", {"dataset": {"uri": "a"}, "dataset_url": "b"}, ["'dataset_url'"]),
     ("input not an object", ["x"], ["must be a JSON object"]),
+    ("selftest brings its own model", {"action": "selftest", "base_model": "a/b"}, ["action 'selftest' brings its own"]),
 ]
 
 

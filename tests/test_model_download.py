@@ -250,3 +250,21 @@ def test_four_workers_prefetching_at_once_download_once(hub, tiny_repo, volume):
     folder = Path(paths.pop())
     digests = {name: hashlib.sha256(data).hexdigest() for name, data in files_of(folder).items()}
     assert digests == {name: hashlib.sha256(data).hexdigest() for name, data in tiny_repo.files.items()}
+
+
+def test_a_held_lock_makes_others_wait_with_a_log_line_then_give_up(settings, caplog):
+    import logging
+
+    from model_resolver import RepoLock
+
+    path = settings.hf_cache_root / "hub" / ".locks" / "worker" / "models--acme--x.lock"
+    with RepoLock(path, "acme/x", timeout_s=5):
+        with caplog.at_level(logging.INFO, logger="model_resolver"):
+            with pytest.raises(ModelError) as info:
+                with RepoLock(path, "acme/x", timeout_s=0.6, log_every_s=0.2):
+                    pass
+    assert "waited 1s for another worker to finish downloading acme/x" in str(info.value)
+    assert info.value.retryable
+    assert any("waiting for another worker downloading acme/x" in r.getMessage() for r in caplog.records)
+    with RepoLock(path, "acme/x", timeout_s=1):  # released: the next one gets it at once
+        pass
