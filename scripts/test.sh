@@ -14,4 +14,16 @@ if [ "$rc" -eq 5 ]; then
     echo "scripts/test.sh: pytest collected no tests; that is a failure" >&2
     exit 1
 fi
+
+# The Supabase Edge Function (TypeScript, Deno): Deno comes from the npm registry into build/deno.
+# --no-config/--node-modules-dir=none: no package.json or deno.json above the function changes how
+# it resolves imports. Only node: built-ins are imported, so nothing is fetched at test time.
+if [ $# -eq 0 ]; then
+    if [ ! -x build/deno/node_modules/.bin/deno ]; then
+        command -v npm >/dev/null || { echo "scripts/test.sh: npm is needed to install Deno for the Edge Function tests" >&2; exit 1; }
+        npm install --silent --no-audit --no-fund --prefix build/deno deno@2 >/dev/null || exit 1
+    fi
+    build/deno/node_modules/.bin/deno test --no-config --node-modules-dir=none supabase/functions/ || rc=1
+    build/deno/node_modules/.bin/deno check --no-config --node-modules-dir=none supabase/functions/process-training-jobs/index.ts || rc=1
+fi
 exit "$rc"
