@@ -88,8 +88,8 @@ def _s3_settings(refs: list[str]):
 
     bucket = refs[0][len("s3://"):].split("/", 1)[0]
     try:
-        settings = WorkerSettings()
-        return settings if settings.s3_bucket else WorkerSettings(s3_bucket=bucket)
+        # Endpoint and credentials from the environment; the bucket is the URI's, whatever S3_BUCKET says.
+        return WorkerSettings(s3_bucket=bucket)
     except ValidationError as exc:
         raise InputError(f"S3 settings for {bucket}: {format_validation_error(exc)}") from None
 
@@ -109,7 +109,7 @@ def _checked_pair(args: argparse.Namespace, workdir: Path):
 
 
 def _pair_command(func):
-    """Run an adapter command in a scratch folder; turn our errors into one line and exit 2 (1: storage)."""
+    """Run an adapter command in a scratch folder; our errors become one line: exit 2, or 1 (download)."""
 
     def run(args: argparse.Namespace) -> int:
         import tempfile
@@ -120,7 +120,8 @@ def _pair_command(func):
             with tempfile.TemporaryDirectory(prefix="lora-adapter-") as workdir:
                 return func(args, Path(workdir))
         except WorkerError as exc:
-            print(scrub(f"{exc.stage}: {exc.message}"), file=sys.stderr)
+            label = exc.stage if exc.stage in ("input", "model") else "download"
+            print(scrub(f"{label}: {exc.message}"), file=sys.stderr)
             return 2 if exc.stage in ("input", "model") else 1
 
     return run

@@ -116,3 +116,39 @@ def s3_bucket(s3_server, request) -> str:
     bucket = f"{name}-{uuid.uuid4().hex[:8]}"
     s3_server.client().create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(model_factory, tmp_path_factory):
+    """train(family, **model_kwargs) → (adapter folder, base folder): a tiny job through
+    ``handler.handler`` on that family's tiny model, so the adapter carries the worker's manifest.
+    Each (family, kwargs) trains once per session, on a volume of its own."""
+    import handler
+
+    root = tmp_path_factory.mktemp("trained-adapters")
+    cache: dict = {}
+
+    def train(family: str = "llama", **kwargs) -> tuple[Path, Path]:
+        key = (family, tuple(sorted(kwargs.items())))
+        if key in cache:
+            return cache[key]
+        model = model_factory(family, **kwargs)
+        vol = root / f"volume-{len(cache)}"
+        shutil.copytree(model, vol / "models" / model.name)
+        (vol / "datasets").mkdir(parents=True)
+        shutil.copyfile(DEMO_DATA, vol / "datasets" / "capitals.jsonl")
+        with pytest.MonkeyPatch.context() as mp:
+            for name in worker_env_names():
+                mp.delenv(name, raising=False)
+            mp.setenv("VOLUME_ROOT", str(vol))
+            handler.get_settings.cache_clear()
+            try:
+                output = handler.handler({"id": "adapter", "input": small_job(
+                    base_model=model.name, job_id=f"adapter-{model.name}")})
+            finally:
+                handler.get_settings.cache_clear()
+        assert "error" not in output, output
+        cache[key] = (Path(output["adapter"]["uri"].removeprefix("file://")), vol / "models" / model.name)
+        return cache[key]
+
+    return train
