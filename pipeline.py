@@ -188,8 +188,23 @@ def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resol
     return runtime, tokenizer, prepared
 
 
+def _init_adapter(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
+                  resolved: ResolvedModel) -> adapters.InitAdapter | None:
+    """The adapter to continue from, fetched and verified against the base before any weight loads."""
+    if not job.init_adapter:
+        return None
+    with tracker.stage("model", "resolve_s"):
+        init = adapters.prepare_init_adapter(job.init_adapter, resolved.path,
+                                             settings.jobs_root / f".{tracker.job_id}.init-adapter",
+                                             settings, job.hyperparameters)
+    for warning in init.warnings:
+        logger.warning("init_adapter %s: %s", init.source, warning)
+    return init
+
+
 def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> dict:
     resolved = _resolve(job, settings, tracker)
+    _init_adapter(job, settings, tracker, resolved)
     _, _, prepared = _prepare(job, settings, tracker, resolved)
     return {"job_id": job.job_id, "status": "valid", "base_model": resolved.to_output(),
             "dataset": prepared.report.to_dict()}
@@ -208,6 +223,7 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     hp = job.hyperparameters
     store = open_artifact_store(settings)  # a misconfigured store fails before any GPU minute
     resolved = _resolve(job, settings, tracker)
+    init = _init_adapter(job, settings, tracker, resolved)
     runtime, tokenizer, prepared = _prepare(job, settings, tracker, resolved)
 
     job_dir = settings.jobs_root / job_id
@@ -220,12 +236,15 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
             tokenizer=tokenizer, base_model_id=resolved.id, base_revision=resolved.revision,
             runtime=runtime, on_progress=tracker.on_train_progress,
             trust_remote_code=resolved.trust_remote_code,
+            init_adapter=init.path if init else None,
         )
     tracker.timings["load_s"] = round(result.load_seconds, 3)
     tracker.timings["train_s"] = round(result.train_seconds, 3)
 
     with tracker.stage("save", "save_s"):
-        manifest = _write_job_folder(job, resolved, prepared.report.to_dict(), result, job_dir, runtime)
+        manifest = _write_job_folder(job, resolved, prepared.report.to_dict(), result, job_dir, runtime,
+                                     init=init)
+    shutil.rmtree(settings.jobs_root / f".{job_id}.init-adapter", ignore_errors=True)
     result.model = None  # saved: free the weights before the upload
 
     with tracker.stage("upload", "upload_s"):
@@ -266,7 +285,7 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
 
 
 def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, result, job_dir: Path,
-                      runtime) -> dict:
+                      runtime, init: adapters.InitAdapter | None = None) -> dict:
     """Model card, metrics, loss curve, then the manifests, last, into the job folder."""
     from train_lora import write_training_report
 
@@ -288,6 +307,8 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
     manifest_dict = manifest.to_dict()
     manifest_dict["runtime"] = {"device": runtime.device, "precision": runtime.precision,
                                 "quantization": runtime.quantization}
+    if init is not None:
+        manifest_dict["init_adapter"] = init.to_manifest()  # what this adapter continued from
     (result.adapter_dir / "README.md").write_text(adapters.render_model_card(manifest_dict))
     write_training_report(result, job_dir)
     # The adapter's own manifest lists the adapter's files; the job's lists the whole folder.

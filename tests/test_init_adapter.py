@@ -1,0 +1,110 @@
+"""Continued training: a job names ``init_adapter``; it is verified against the job's base before any
+weight loads, then trained further (not replaced by a fresh adapter)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import handler
+from adapters import read_manifest, verify_files
+from config.job import TrainingJob
+from errors import InputError
+from storage.records import SqliteRecords
+from tests.conftest import small_job
+from tests.test_verify import forbid_weight_loading
+
+
+def _adapter_dir(output: dict) -> Path:
+    assert "error" not in output, output
+    return Path(output["adapter"]["uri"].removeprefix("file://"))
+
+
+def test_a_job_continues_from_its_init_adapter(volume):
+    first = handler.handler({"id": "a", "input": small_job(job_id="first")})
+    first_dir = _adapter_dir(first)
+    init_ref = first_dir.relative_to(volume).as_posix()  # a path on the volume
+
+    second = handler.handler({"id": "b", "input": small_job(job_id="second", init_adapter=init_ref)})
+
+    second_dir = _adapter_dir(second)
+    # It started where the first one ended: its first loss is far below the fresh start's.
+    assert second["metrics"]["first_loss"] < first["metrics"]["first_loss"] - 0.1, (first["metrics"], second["metrics"])
+    # ... and it trained further: same shapes, moved values.
+    before, after = load_file(first_dir / "adapter_model.safetensors"), load_file(second_dir / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not (before[k] == after[k]).all() for k in before)
+    config = json.loads((second_dir / "adapter_config.json").read_text())
+    assert config["r"] == 8 and sorted(config["target_modules"]) == sorted(first["lora"]["target_modules"])
+    assert config["base_model_name_or_path"] == "tiny-llama"
+
+    manifest = read_manifest(second_dir)
+    assert verify_files(second_dir, manifest) == []
+    assert manifest["init_adapter"]["uri"] == init_ref
+    assert manifest["init_adapter"]["job_id"] == "first"
+    assert manifest["init_adapter"]["verdict"] == "compatible"
+    weights = {f["name"]: f["sha256"] for f in manifest["init_adapter"]["files"]}
+    assert weights["adapter_model.safetensors"] == {
+        f["name"]: f["sha256"] for f in first["adapter"]["files"]}["adapter_model.safetensors"]
+    assert not any(p.name.endswith(".init-adapter") for p in (volume / "jobs").iterdir())
+
+
+def test_an_init_adapter_for_another_model_fails_before_any_weight_loads(volume, trained_adapter, monkeypatch):
+    mistral_adapter, _ = trained_adapter("mistral")
+    shutil.copytree(mistral_adapter, volume / "adapters" / "from-mistral")
+    attempts = forbid_weight_loading(monkeypatch)
+
+    output = handler.handler({"id": "c", "input": small_job(job_id="wrong", init_adapter="adapters/from-mistral")})
+
+    assert output["error"].startswith(
+        "model: init_adapter adapters/from-mistral does not fit the base model: adapter trained on mistral "
+        "(2 layers, hidden 64); base is llama (2 layers, hidden 64); model type: mistral in the adapter's "
+        "base, llama in this base;")
+    assert output["error"].endswith("Continue from an adapter trained on this base, or drop init_adapter to "
+                                    "train a new one")
+    assert attempts == []
+    row = SqliteRecords(volume / "records.sqlite3").get_job("wrong")
+    assert (row["status"], row["stage"]) == ("failed", "model")
+
+    validated = handler.handler({"id": "d", "input": small_job(action="validate", init_adapter="adapters/from-mistral")})
+    assert validated["error"].startswith("model: init_adapter adapters/from-mistral does not fit the base model")
+    assert attempts == []
+
+
+def test_a_damaged_init_adapter_is_an_input_error(volume, trained_adapter, model_factory):
+    llama_adapter, _ = trained_adapter("llama")
+    target = volume / "adapters" / "changed"
+    shutil.copytree(llama_adapter, target)
+    (target / "adapter_config.json").write_text((target / "adapter_config.json").read_text() + " ")
+
+    output = handler.handler({"id": "e", "input": small_job(init_adapter="adapters/changed")})
+
+    assert output["error"] == ("input: init_adapter adapters/changed is damaged: adapter_config.json does not "
+                               "match its sha256 (manifest.json lists it with its sha256); upload it again or "
+                               "name another adapter")
+
+
+def test_init_adapter_outside_the_volume_or_with_other_settings_is_refused(volume, tmp_path):
+    output = handler.handler({"id": "f", "input": small_job(init_adapter=str(tmp_path))})
+    assert output["error"].startswith(f"input: init_adapter {str(tmp_path)!r} is outside the allowed folders")
+
+    first_dir = _adapter_dir(handler.handler({"id": "g", "input": small_job(job_id="base-run")}))
+    ref = first_dir.relative_to(volume).as_posix()
+    output = handler.handler({"id": "h", "input": small_job(init_adapter=ref, hyperparameters={"lora_r": 16})})
+    assert output["error"] == (f"input: hyperparameters.lora_r is 16 but init_adapter {ref} has r=8; drop lora_r "
+                               "(continued training keeps the adapter's own) or set it to the adapter's")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("ftp://host/adapter", "init_adapter: must be an s3:// or https:// URI of an adapter folder, or a path on "
+                           "the volume; got a ftp:// URI"),
+    ("adapters/../../etc", "init_adapter: may not contain '..'; name the adapter folder directly"),
+])
+def test_init_adapter_references_are_checked_in_the_schema(value, message):
+    with pytest.raises(InputError) as info:
+        TrainingJob.from_payload(small_job(init_adapter=value))
+    assert str(info.value) == message
