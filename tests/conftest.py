@@ -123,6 +123,8 @@ def trained_adapter(model_factory, tmp_path_factory):
     """train(family, **model_kwargs) → (adapter folder, base folder): a tiny job through
     ``handler.handler`` on that family's tiny model, so the adapter carries the worker's manifest.
     Each (family, kwargs) trains once per session, on a volume of its own."""
+    import tempfile
+
     import handler
 
     root = tmp_path_factory.mktemp("trained-adapters")
@@ -133,7 +135,7 @@ def trained_adapter(model_factory, tmp_path_factory):
         if key in cache:
             return cache[key]
         model = model_factory(family, **kwargs)
-        vol = root / f"volume-{len(cache)}"
+        vol = Path(tempfile.mkdtemp(prefix=f"volume-{model.name}-", dir=root))
         shutil.copytree(model, vol / "models" / model.name)
         (vol / "datasets").mkdir(parents=True)
         shutil.copyfile(DEMO_DATA, vol / "datasets" / "capitals.jsonl")

@@ -158,8 +158,10 @@ def test_same_config_other_weights_warns_and_strict_refuses(trained_adapter, mod
     assert no_weights == []
 
 
-def test_the_matching_pair_is_compatible_and_every_tensor_is_checked(trained_adapter, capsys, monkeypatch):
-    adapter, base = trained_adapter("qwen2")
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "qwen3_next"])
+def test_the_matching_pair_is_compatible_and_every_tensor_is_checked(family, trained_adapter, capsys,
+                                                                     monkeypatch):
+    adapter, base = trained_adapter(family)
     no_weights = forbid_weight_loading(monkeypatch)
 
     code, out, _ = run_cli(capsys, "verify", "--adapter", str(adapter), "--base", str(base), "--json")
