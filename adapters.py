@@ -723,7 +723,8 @@ def verify_adapter(adapter: AdapterInfo, base: BaseInfo) -> Verdict:
                       base_signature=sig)
     if adapter.file_problems:
         verdict.status = DAMAGED
-        verdict.mismatches += [f"{p} (manifest.json lists it with its sha256)" if "sha256" in p else p
+        verdict.mismatches += [p.replace("does not match its sha256", "does not match the sha256 in "
+                                         "manifest.json (changed after training, or a broken download)")
                                for p in adapter.file_problems]
         return verdict
 
@@ -753,6 +754,8 @@ def verify_adapter(adapter: AdapterInfo, base: BaseInfo) -> Verdict:
         verdict.mismatches += shape_problems
         verdict.notes += notes
     if verdict.mismatches:
+        if not arch and adapter.tensors:
+            verdict.mismatches.insert(0, f"{_describe_plain(adapter)}; base is {describe_architecture(sig)}")
         verdict.status = INCOMPATIBLE
         return verdict
 
@@ -769,6 +772,31 @@ def verify_adapter(adapter: AdapterInfo, base: BaseInfo) -> Verdict:
     if verdict.warnings:
         verdict.status = DIFFERENT_REVISION
     return verdict
+
+
+def _describe_plain(adapter: AdapterInfo) -> str:
+    """What a manifest-less adapter was made for, read from its tensors: hidden size and layer count."""
+    widths: dict[int, int] = {}
+    layers = -1
+    for key, shape in (adapter.tensors or {}).items():
+        match = _LORA_KEY.match(key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key)
+        if not match:
+            continue
+        found = re.search(r"\.(\d+)\.", match["module"])
+        if found:
+            layers = max(layers, int(found.group(1)))
+        leaf = match["module"].rsplit(".", 1)[-1]
+        if match["kind"] == "lora_A" and leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") \
+                and len(shape) == 2:
+            widths[shape[1]] = widths.get(shape[1], 0) + 1
+    named = adapter.config.get("base_model_name_or_path")
+    facts = []
+    if widths:
+        facts.append(f"hidden {max(widths, key=widths.get)}")
+    if layers >= 0:
+        facts.append(f"at least {layers + 1} layers")
+    what = f"adapter made for {named!r}" if named else "adapter made for another model"
+    return what + (f" ({', '.join(facts)}, from its tensor shapes)" if facts else "")
 
 
 def _revision_warnings(verdict: Verdict, trained: dict[str, Any], arch: dict[str, Any],
@@ -1003,9 +1031,14 @@ def load_adapted(adapter_dir: Path, base_dir: Path, *, device: str = "auto", dty
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch_dtype)
+    device = _pick_device(device)
+    # On a GPU, accelerate places the weights as they load (a 7B model never sits twice in memory).
+    placement = {"device_map": "auto"} if device == "cuda" else {}
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch_dtype, **placement)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return model.to(_pick_device(device)).eval(), tokenizer
+    if not placement:
+        model = model.to(device)
+    return model.eval(), tokenizer
 
 
 @dataclass(frozen=True)

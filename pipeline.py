@@ -205,6 +205,7 @@ def _init_adapter(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
 def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> dict:
     resolved = _resolve(job, settings, tracker)
     _init_adapter(job, settings, tracker, resolved)
+    shutil.rmtree(settings.jobs_root / f".{tracker.job_id}.init-adapter", ignore_errors=True)
     _, _, prepared = _prepare(job, settings, tracker, resolved)
     return {"job_id": job.job_id, "status": "valid", "base_model": resolved.to_output(),
             "dataset": prepared.report.to_dict()}

@@ -84,7 +84,7 @@ def test_a_damaged_init_adapter_is_an_input_error(volume, trained_adapter, model
     output = handler.handler({"id": "e", "input": small_job(init_adapter="adapters/changed")})
 
     assert output["error"] == ("input: init_adapter adapters/changed is damaged: adapter_config.json does not "
-                               "match its sha256 (manifest.json lists it with its sha256); upload it again or "
+                               "match the sha256 in manifest.json (changed after training, or a broken download); upload it again or "
                                "name another adapter")
 
 

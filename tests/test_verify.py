@@ -201,6 +201,8 @@ def test_plain_peft_folder_is_verified_from_its_header(model_factory, tmp_path, 
 
     code, out, _ = run_cli(capsys, "verify", "--adapter", str(plain), "--base", str(narrow))
     assert code == 3
+    assert (f"  - adapter made for {str(qwen2)!r} (hidden 64, at least 2 layers, from its tensor shapes); base "
+            "is qwen2 (2 layers, hidden 32)") in out.splitlines()
     assert ("  - model.layers.*.mlp.down_proj (layers 0-1): lora_A.weight is [4, 128], which needs "
             "in_features 64; the base's weight is [32, 64]") in out.splitlines()
     assert no_weights == []
@@ -313,8 +315,8 @@ def test_s3_adapter_is_downloaded_and_checksum_verified(trained_adapter, s3_serv
     assert code == 3
     lines = out.splitlines()
     assert lines[0].startswith("damaged: adapter s3://")
-    assert ("  - adapter_model.safetensors does not match its sha256 (manifest.json lists it with its sha256)"
-            in lines)
+    assert ("  - adapter_model.safetensors does not match the sha256 in manifest.json (changed after training, "
+            "or a broken download)") in lines
     assert "  fix: download the adapter again (its files do not match its manifest.json)" in lines
     assert s3_server.secret_key not in out
 
@@ -378,7 +380,9 @@ def test_presigned_urls_one_per_file(trained_adapter, http_folder, capsys):
     (root / "adapter" / "README.md").write_text("changed")
     code, out, err = run_cli(capsys, "verify", "--base", str(base),
                              "--adapter", f"{url}/adapter/manifest.json{sig}")
-    assert code == 3 and "  - README.md does not match its sha256" in out
+    assert code == 3
+    assert ("  - README.md does not match the sha256 in manifest.json (changed after training, or a broken "
+            "download)") in out.splitlines()
     assert "deadbeefsecret" not in out + err
 
 
