@@ -584,28 +584,62 @@ def _ranges(numbers: list[str]) -> str:
     return ",".join(spans)
 
 
-def _find_base_weight(module: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    key = module + ".weight"
-    if key in shapes:
-        return key
-    # Multimodal or renamed wrappers keep the same tail under another prefix.
-    tail = "." + key
-    candidates = [k for k in shapes if k.endswith(tail)]
-    if len(candidates) == 1:
-        return candidates[0]
-    if module.startswith("model.") and module[len("model."):] + ".weight" in shapes:
-        return module[len("model."):] + ".weight"
-    return None
+def _layer_tail(name: str) -> str | None:
+    """'model.language_model.layers.3.mlp.up_proj' → 'layers.3.mlp.up_proj': the part wrappers keep."""
+    at = name.find("layers.")
+    if at < 0 or (at > 0 and name[at - 1] != "."):
+        return None
+    return name[at:]
 
 
-def _module_exists(module: str, shapes: dict[str, tuple[int, ...]]) -> bool:
-    prefix = module + "."
-    return any(k.startswith(prefix) or ("." + prefix) in k for k in shapes)
+class _WeightIndex:
+    """The base's weight names, indexed once so each adapter tensor is a set lookup (an 80B MoE
+    checkpoint has ~75k names)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = shapes
+        self.prefixes: set[str] = set()
+        self.tails: dict[str, str | None] = {}  # layer tail of a weight → its name (None: ambiguous)
+        for key in shapes:
+            end = key.rfind(".")
+            while end > 0:
+                prefix = key[:end]
+                if prefix in self.prefixes:
+                    break  # its own prefixes are in already
+                self.prefixes.add(prefix)
+                end = key.rfind(".", 0, end)
+            tail = _layer_tail(key)
+            if tail is not None:
+                self.tails[tail] = key if tail not in self.tails else None
+        self._prefix_tails: set[str] | None = None
+
+    def weight_of(self, module: str) -> str | None:
+        """The base weight a module's LoRA adapts, allowing for a wrapper's different prefix."""
+        key = module + ".weight"
+        if key in self.shapes:
+            return key
+        parts = key.split(".")
+        for n in range(1, min(4, len(parts) - 1)):
+            if ".".join(parts[n:]) in self.shapes:
+                return ".".join(parts[n:])
+        tail = _layer_tail(key)
+        return self.tails.get(tail) if tail is not None else None
+
+    def has_module(self, module: str) -> bool:
+        if module in self.prefixes:
+            return True
+        tail = _layer_tail(module)
+        if tail is None:
+            return False
+        if self._prefix_tails is None:  # only for adapters whose names carry another wrapper's prefix
+            self._prefix_tails = {t for t in map(_layer_tail, self.prefixes) if t is not None}
+        return tail in self._prefix_tails
 
 
 def _tensor_mismatches(adapter: AdapterInfo, base: BaseInfo) -> tuple[list[str], list[str], int]:
     """Every LoRA tensor against the base module it adapts: (mismatches, notes, tensors checked)."""
     shapes = base.shapes or {}
+    index = _WeightIndex(shapes)
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
     groups: dict[tuple[str, ...], list[str]] = {}  # same problem in many layers → one line
     missing: dict[str, list[str]] = {}
@@ -629,10 +663,10 @@ def _tensor_mismatches(adapter: AdapterInfo, base: BaseInfo) -> tuple[list[str],
         ranks.setdefault(module, {})[f"{kind}.{param}"] = shape
         if module.endswith(".base_layer") or ".base_layer." in module or kind == "lora_magnitude_vector":
             module = module.replace(".base_layer", "")
-        base_key = _find_base_weight(module, shapes)
+        base_key = index.weight_of(module)
         pattern, layer = _layer_of(module)
         if base_key is None:
-            if _module_exists(module, shapes):
+            if index.has_module(module):
                 # PEFT's target_parameters wrap fused 3-D expert tensors; the checkpoint stores them
                 # per expert, so only the module's presence can be checked from the header.
                 note = f"{pattern}: fused parameters (target_parameters), checked for presence only"
