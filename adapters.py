@@ -850,9 +850,10 @@ def _revision_warnings(verdict: Verdict, trained: dict[str, Any], arch: dict[str
     a, b = arch.get("weights_sample_sha256"), sig.get("weights_sample_sha256")
     if a and b and a != b:
         verdict.warnings.append(
-            f"the weights differ from those the adapter was trained on ({trained.get('id')}"
+            f"the weight files differ from those the adapter was trained on ({trained.get('id')}"
             + (f"@{trained['revision']}" if trained.get("revision") else "")
-            + f"): same architecture, other values (weights sample sha256 {a[:12]}… then, {b[:12]}… here)")
+            + f"): same architecture, other weights or the same ones saved differently (weights sample "
+            f"sha256 {a[:12]}… then, {b[:12]}… here)")
     elif not (a and b) and same is None and not verdict.warnings:
         verdict.notes.append("neither a commit nor a weights digest is recorded on both sides: the "
                              "architecture matches, but whether the weights are the same is unknown")

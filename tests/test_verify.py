@@ -146,8 +146,9 @@ def test_same_config_other_weights_warns_and_strict_refuses(trained_adapter, mod
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == f"compatible, different revision: adapter {adapter} on base {other}"
-    assert any(line.startswith("  warning: the weights differ from those the adapter was trained on "
-                               "(qwen2): same architecture, other values (weights sample sha256 ")
+    assert any(line.startswith("  warning: the weight files differ from those the adapter was trained on "
+                               "(qwen2): same architecture, other weights or the same ones saved differently "
+                               "(weights sample sha256 ")
                for line in lines), out
 
     code, out, _ = run_cli(capsys, "verify", "--adapter", str(adapter), "--base", str(other), "--strict", "--json")
@@ -393,3 +394,51 @@ def test_an_unsigned_url_refused_by_the_server_is_a_clear_error(trained_adapter,
     code, out, err = run_cli(capsys, "verify", "--base", str(base), "--adapter", f"{url}/adapter/manifest.json")
     assert code == 1 and out == ""
     assert err.strip() == f"download: could not download {url}/adapter/manifest.json: HTTP 403"
+
+
+# --- bases in other layouts -------------------------------------------------------------------------
+
+
+def test_a_sharded_base_is_read_through_its_index(trained_adapter, tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter, base = trained_adapter("qwen2")
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(base).save_pretrained(sharded, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(base).save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
+    no_weights = forbid_weight_loading(monkeypatch)
+
+    code, out, _ = run_cli(capsys, "verify", "--adapter", str(adapter), "--base", str(sharded), "--json")
+
+    verdict = json.loads(out)
+    assert verdict["checked_tensors"] == len(adapters.read_safetensors_shapes(adapter / "adapter_model.safetensors"))
+    assert verdict["mismatches"] == []
+    # Same architecture, but other files: the weight index and the weight files are not the ones trained on.
+    assert code == 0 and verdict["verdict"] == "compatible, different revision"
+    assert any(w.startswith("the weight files differ from those the adapter was trained on")
+               for w in verdict["warnings"])
+    assert no_weights == []
+
+
+def test_a_wrapper_prefix_in_the_base_still_finds_each_module():
+    index = adapters._WeightIndex({
+        "model.language_model.layers.0.self_attn.q_proj.weight": (32, 64),
+        "model.language_model.layers.0.mlp.experts.3.up_proj.weight": (16, 64),
+        "lm_head.weight": (100, 64),
+    })
+    assert index.weight_of("model.layers.0.self_attn.q_proj") == "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert index.weight_of("model.layers.1.self_attn.q_proj") is None
+    assert index.has_module("model.language_model.layers.0.mlp.experts")
+    assert index.has_module("model.layers.0.mlp.experts")
+    assert not index.has_module("model.layers.0.mlp.shared_expert")
+
+
+def test_the_fingerprint_is_the_architecture_not_the_copy(trained_adapter, tmp_path):
+    _, base = trained_adapter("qwen2")
+    snapshot = _fake_hf_cache(tmp_path / "hub", "org/tiny-qwen2", base, "b" * 40)
+    here, cached = adapters.read_signature(base), adapters.read_signature(snapshot)
+    assert (cached.repo_id, cached.commit) == ("org/tiny-qwen2", "b" * 40)
+    assert (here.repo_id, here.commit) == (None, None)
+    assert cached.fingerprint == here.fingerprint
+    assert cached.weights_sample_sha256 == here.weights_sample_sha256
