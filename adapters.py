@@ -431,15 +431,22 @@ def read_adapter(folder: str | Path, source: str | None = None) -> AdapterInfo:
         raise InputError(
             f"adapter {source} is a {config.get('peft_type')} adapter; only LoRA adapters are checked here"
         )
-    manifest = read_manifest(folder)
-    problems = list(verify_files(folder, manifest)) if manifest else []
+    problems: list[str] = []
+    try:
+        manifest = read_manifest(folder)
+    except ValueError as exc:
+        manifest, problems = None, [f"{MANIFEST_NAME} is not valid JSON ({exc})"]
+    if manifest is not None and not isinstance(manifest.get("files") if isinstance(manifest, dict) else None, list):
+        manifest, problems = None, [f"{MANIFEST_NAME} has no list of files; it is not this worker's manifest"]
+    if manifest is not None:
+        problems += verify_files(folder, manifest)
     weights = folder / ADAPTER_WEIGHTS_NAME
     tensors = None
     if weights.is_file() and not any(p.startswith(ADAPTER_WEIGHTS_NAME) for p in problems):
         try:
             tensors = read_safetensors_shapes(weights)
-        except (ValueError, OSError) as exc:
-            problems.append(f"{ADAPTER_WEIGHTS_NAME} cannot be read ({exc})")
+        except (ValueError, OSError, KeyError, TypeError) as exc:
+            problems.append(f"{ADAPTER_WEIGHTS_NAME} is not a readable safetensors file ({exc})")
     elif not weights.is_file() and not problems:
         if (folder / "adapter_model.bin").is_file():
             tensors = None  # a pickle: its shapes cannot be read without loading it (reported below)
@@ -459,8 +466,9 @@ def read_base(folder: str | Path, source: str | None = None) -> BaseInfo:
         )
     try:
         shapes = read_weight_shapes(folder)
-    except (ValueError, OSError, KeyError) as exc:
-        raise ModelError(f"base {source or folder}: its safetensors headers cannot be read ({exc})") from exc
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise ModelError(f"base {source or folder}: its safetensors headers cannot be read ({exc}); "
+                         "download the model again") from exc
     return BaseInfo(folder, source or str(folder), read_signature(folder), shapes)
 
 
@@ -769,21 +777,24 @@ def verify_adapter(adapter: AdapterInfo, base: BaseInfo) -> Verdict:
                 f"adapter trained on {describe_architecture(arch)}; base is {describe_architecture(sig)}")
             verdict.mismatches += differences
     else:
-        verdict.notes.append("the adapter has no manifest.json (not made by this worker): checked from "
-                             "adapter_config.json and the tensor shapes in its safetensors header")
+        verdict.notes.append(("the adapter has no manifest.json (not made by this worker)" if adapter.manifest
+                              is None else "the adapter's manifest.json records no base architecture")
+                             + ": checked from adapter_config.json and the tensor shapes in its "
+                             "safetensors header")
 
     if base.shapes is None:
         verdict.notes.append("the base has no *.safetensors files, so tensor shapes were not checked; "
                              "convert it to safetensors for a full check")
-    elif adapter.tensors is None:
-        verdict.notes.append("the adapter's weights are a pickle (adapter_model.bin), whose shapes cannot "
-                             "be read without loading it; tensor shapes were not checked")
     else:
         missing = _missing_targets(adapter.config, base.shapes)
         if missing:
             verdict.mismatches.append(
                 f"target modules {', '.join(missing)} do not exist in the base "
                 f"(it is {describe_architecture(sig)})")
+    if base.shapes is not None and adapter.tensors is None:
+        verdict.notes.append("the adapter's weights are a pickle (adapter_model.bin), whose shapes cannot "
+                             "be read without loading it; tensor shapes were not checked")
+    elif base.shapes is not None:
         shape_problems, notes, verdict.checked_tensors = _tensor_mismatches(adapter, base)
         verdict.mismatches += shape_problems
         verdict.notes += notes

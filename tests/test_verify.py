@@ -442,3 +442,18 @@ def test_the_fingerprint_is_the_architecture_not_the_copy(trained_adapter, tmp_p
     assert (here.repo_id, here.commit) == (None, None)
     assert cached.fingerprint == here.fingerprint
     assert cached.weights_sample_sha256 == here.weights_sample_sha256
+
+
+@pytest.mark.parametrize("manifest, problem", [
+    ("{not json", "manifest.json is not valid JSON"),
+    ("[1, 2]", "manifest.json has no list of files; it is not this worker's manifest"),
+])
+def test_a_broken_manifest_is_damaged_not_a_traceback(trained_adapter, tmp_path, capsys, manifest, problem):
+    adapter, base = trained_adapter("qwen2")
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    (copy / "manifest.json").write_text(manifest)
+    code, out, _ = run_cli(capsys, "verify", "--adapter", str(copy), "--base", str(base))
+    assert code == 3
+    assert out.splitlines()[0] == f"damaged: adapter {copy} on base {base}"
+    assert out.splitlines()[1].startswith(f"  - {problem}")
