@@ -760,7 +760,7 @@ def verify_adapter(adapter: AdapterInfo, base: BaseInfo) -> Verdict:
     trained = adapter.trained_on
     arch = (trained or {}).get("architecture") or None
     verdict = Verdict(status=COMPATIBLE, adapter=adapter.source, base=base.source,
-                      adapter_base=({k: v for k, v in trained.items() if k not in ("path", "source")}
+                      adapter_base=({k: trained.get(k) for k in ("id", "revision", "fingerprint", "architecture")}
                                     if trained else None),
                       base_signature=sig)
     if adapter.file_problems:

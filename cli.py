@@ -121,8 +121,12 @@ def _pair_command(func):
                 return func(args, Path(workdir))
         except WorkerError as exc:
             label = exc.stage if exc.stage in ("input", "model") else "download"
-            print(scrub(f"{label}: {exc.message}"), file=sys.stderr)
-            return 2 if exc.stage in ("input", "model") else 1
+            message = scrub(f"{label}: {exc.message}")
+            print(message, file=sys.stderr)
+            code = 2 if exc.stage in ("input", "model") else 1
+            if getattr(args, "json", False):
+                _print({"verdict": None, "error": message, "exit_code": code})
+            return code
 
     return run
 

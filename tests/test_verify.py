@@ -264,6 +264,8 @@ def test_a_repo_id_is_found_in_the_local_hf_cache(trained_adapter, tmp_path, mon
     assert err.startswith("model: base org/not-cached is neither a folder nor in the Hugging Face cache at "
                           f"{tmp_path / 'hub'}")
     assert "hf download org/not-cached" in err
+    code, out, err = run_cli(capsys, "verify", "--adapter", str(adapter), "--base", "org/not-cached", "--json")
+    assert code == 2 and json.loads(out) == {"verdict": None, "error": err.strip(), "exit_code": 2}
 
 
 def test_missing_adapter_and_base_are_usage_errors(tmp_path, capsys, model_factory):
