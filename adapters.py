@@ -1218,6 +1218,8 @@ def prepare_init_adapter(ref: str, base_dir: Path, workdir: Path, settings: Any,
         verdict, adapter, _ = check_pair(folder_ref, str(base_dir), workdir, settings=settings)
     except StorageError as exc:
         raise InputError(f"init_adapter could not be fetched: {exc.message}", retryable=True) from exc
+    except InputError as exc:
+        raise InputError(f"init_adapter: {exc.message}") from exc
     if verdict.status == DAMAGED:
         raise InputError(f"init_adapter {source} is damaged: {'; '.join(verdict.mismatches)}; "
                          "upload it again or name another adapter")

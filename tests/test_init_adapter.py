@@ -108,3 +108,39 @@ def test_init_adapter_references_are_checked_in_the_schema(value, message):
     with pytest.raises(InputError) as info:
         TrainingJob.from_payload(small_job(init_adapter=value))
     assert str(info.value) == message
+
+
+def test_an_s3_init_adapter_is_fetched_and_verified_against_the_base(trained_adapter, s3_server, s3_bucket,
+                                                                     tmp_path, monkeypatch):
+    """The worker's side of an s3:// init_adapter (the job itself needs the S3 artifact store)."""
+    from adapters import prepare_init_adapter
+    from config.settings import WorkerSettings
+    from errors import ModelError
+    from tests.conftest import worker_env_names
+
+    for name in worker_env_names():
+        monkeypatch.delenv(name, raising=False)
+    for key, value in s3_server.env(s3_bucket).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("VOLUME_ROOT", str(tmp_path / "volume"))
+    settings = WorkerSettings()
+    llama_adapter, llama_base = trained_adapter("llama")
+    mistral_adapter, _ = trained_adapter("mistral")
+    client = s3_server.client()
+    for name, folder in (("llama", llama_adapter), ("mistral", mistral_adapter)):
+        for path in folder.iterdir():
+            client.upload_file(str(path), s3_bucket, f"adapters/{name}/adapter/{path.name}")
+
+    init = prepare_init_adapter(f"s3://{s3_bucket}/adapters/llama/adapter/", llama_base, tmp_path / "work", settings)
+    assert init.verdict == "compatible" and init.job_id == "adapter-llama"
+    assert init.path.is_relative_to(tmp_path / "work")
+    assert (init.path / "adapter_model.safetensors").read_bytes() == (llama_adapter / "adapter_model.safetensors").read_bytes()
+
+    with pytest.raises(ModelError) as info:
+        prepare_init_adapter(f"s3://{s3_bucket}/adapters/mistral/", llama_base, tmp_path / "work", settings)
+    assert str(info.value).startswith(f"init_adapter s3://{s3_bucket}/adapters/mistral/ does not fit the base "
+                                      "model: adapter trained on mistral (2 layers, hidden 64); base is llama")
+    with pytest.raises(InputError) as info:
+        prepare_init_adapter(f"s3://{s3_bucket}/adapters/none/", llama_base, tmp_path / "work", settings)
+    assert str(info.value).startswith(f"init_adapter: there is nothing under s3://{s3_bucket}/adapters/none/")
+    assert s3_server.secret_key not in str(info.value)
