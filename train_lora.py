@@ -217,7 +217,8 @@ def train_lora(
     load_seconds = time.monotonic() - load_started
     if init_adapter is not None:
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-        targets = sorted(model.peft_config["default"].target_modules)
+        saved = model.peft_config["default"].target_modules
+        targets = [saved] if isinstance(saved, str) else sorted(saved)  # a str is PEFT's regex form
     else:
         targets = find_target_modules(model, hp.target_modules)
         set_seed(hp.seed)  # the LoRA init draws from the RNG: same seed, same starting adapter
