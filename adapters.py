@@ -657,9 +657,14 @@ def _tensor_mismatches(adapter: AdapterInfo, base: BaseInfo) -> tuple[list[str],
     for key, shape in sorted((adapter.tensors or {}).items()):
         name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
         match = _LORA_KEY.match(name)
+        if not match and ".token_adapter." in name:
+            # trainable_token_indices: deltas for a few rows of the embedding, not a full copy.
+            checked += 1
+            continue
         if not match:
-            # modules_to_save or trainable tokens: a full copy of a base tensor, same shape.
-            base_key = name if name in shapes else None
+            # modules_to_save: a full copy of a base tensor, same shape.
+            base_key = index.weight_of(name[: -len(".weight")]) if name.endswith(".weight") else (
+                name if name in shapes else None)
             if base_key is None:
                 pattern, layer = _layer_of(name)
                 missing.setdefault(pattern, []).extend([layer] if layer else [])

@@ -459,3 +459,22 @@ def test_a_broken_manifest_is_damaged_not_a_traceback(trained_adapter, tmp_path,
     assert code == 3
     assert out.splitlines()[0] == f"damaged: adapter {copy} on base {base}"
     assert out.splitlines()[1].startswith(f"  - {problem}")
+
+
+def test_modules_to_save_copies_are_checked_whole(model_factory, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    qwen2 = model_factory("qwen2")
+    narrow = model_factory("qwen2", hidden_size=32)
+    out = tmp_path / "with-head"
+    model = AutoModelForCausalLM.from_pretrained(qwen2)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])).save_pretrained(out)
+    vocab = model.config.vocab_size
+    assert "base_model.model.lm_head.weight" in adapters.read_safetensors_shapes(out / "adapter_model.safetensors")
+
+    code, text, _ = run_cli(capsys, "verify", "--adapter", str(out), "--base", str(qwen2), "--json")
+    assert code == 0 and json.loads(text)["checked_tensors"] == 2 * 2 + 1
+    code, text, _ = run_cli(capsys, "verify", "--adapter", str(out), "--base", str(narrow))
+    assert code == 3
+    assert f"  - lm_head.weight: the adapter's copy is [{vocab}, 64], the base's weight is [{vocab}, 32]" in text.splitlines()
