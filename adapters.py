@@ -1113,8 +1113,10 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 128, chat: 
     """Greedy by default (temperature 0): the same pair and prompt give the same text every time."""
     import torch
 
-    text = build_prompt(tokenizer, prompt, chat)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not (chat or tokenizer.chat_template))
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    text = build_prompt(tokenizer, prompt, use_chat)
+    # A chat template writes its own special tokens; a raw prompt gets the tokenizer's (e.g. BOS).
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not use_chat)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:

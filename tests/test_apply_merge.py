@@ -122,3 +122,18 @@ def test_strict_refuses_other_weights_and_merge_refuses_a_used_folder(trained_ad
     code, out, err = run_cli(capsys, "merge", "--adapter", str(adapter), "--base", str(other), "--out", str(used))
     assert code == 2 and err.strip() == f"--out {used} exists and is not empty; name a new folder"
     assert (used / "keep.txt").read_text() == "mine" and attempts == []
+
+
+def test_apply_without_the_chat_template_sends_the_prompt_as_is(trained_adapter, capsys):
+    adapter, base = trained_adapter("qwen2")
+    code, out, err = run_cli(capsys, "apply", "--adapter", str(adapter), "--base", str(base), "--prompt",
+                             "The capital of Peru is", "--max-new-tokens", "6", "--no-chat-template", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompt"] == "The capital of Peru is"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = tokenizer("The capital of Peru is", return_tensors="pt")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
+    with torch.no_grad():
+        expected = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert result["token_ids"] == expected[0, ids["input_ids"].shape[1]:].tolist()
