@@ -154,3 +154,17 @@ def trained_adapter(model_factory, tmp_path_factory):
         return cache[key]
 
     return train
+
+
+@pytest.fixture(scope="session")
+def shared_s3_bucket(s3_server) -> str:
+    """One bucket for every adapter test that writes to S3 (each test under a prefix of its own).
+
+    SeaweedFS grows several volumes per bucket (collection) and the test server allows 8 in all
+    (``-volume.max=8``), so a bucket per writing test runs out after two or three of them.
+    """
+    import uuid
+
+    bucket = f"adapter-tests-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    return bucket

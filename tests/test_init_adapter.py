@@ -110,9 +110,10 @@ def test_init_adapter_references_are_checked_in_the_schema(value, message):
     assert str(info.value) == message
 
 
-def test_an_s3_init_adapter_is_fetched_and_verified_against_the_base(trained_adapter, s3_server, s3_bucket,
+def test_an_s3_init_adapter_is_fetched_and_verified_against_the_base(trained_adapter, s3_server, shared_s3_bucket,
                                                                      tmp_path, monkeypatch):
     """The worker's side of an s3:// init_adapter (the job itself needs the S3 artifact store)."""
+    s3_bucket = shared_s3_bucket
     from adapters import prepare_init_adapter
     from config.settings import WorkerSettings
     from errors import ModelError
@@ -129,18 +130,18 @@ def test_an_s3_init_adapter_is_fetched_and_verified_against_the_base(trained_ada
     client = s3_server.client()
     for name, folder in (("llama", llama_adapter), ("mistral", mistral_adapter)):
         for path in folder.iterdir():
-            client.upload_file(str(path), s3_bucket, f"adapters/{name}/adapter/{path.name}")
+            client.upload_file(str(path), s3_bucket, f"init/adapters/{name}/adapter/{path.name}")
 
-    init = prepare_init_adapter(f"s3://{s3_bucket}/adapters/llama/adapter/", llama_base, tmp_path / "work", settings)
+    init = prepare_init_adapter(f"s3://{s3_bucket}/init/adapters/llama/adapter/", llama_base, tmp_path / "work", settings)
     assert init.verdict == "compatible" and init.job_id == "adapter-llama"
     assert init.path.is_relative_to(tmp_path / "work")
     assert (init.path / "adapter_model.safetensors").read_bytes() == (llama_adapter / "adapter_model.safetensors").read_bytes()
 
     with pytest.raises(ModelError) as info:
-        prepare_init_adapter(f"s3://{s3_bucket}/adapters/mistral/", llama_base, tmp_path / "work", settings)
-    assert str(info.value).startswith(f"init_adapter s3://{s3_bucket}/adapters/mistral/ does not fit the base "
+        prepare_init_adapter(f"s3://{s3_bucket}/init/adapters/mistral/", llama_base, tmp_path / "work", settings)
+    assert str(info.value).startswith(f"init_adapter s3://{s3_bucket}/init/adapters/mistral/ does not fit the base "
                                       "model: adapter trained on mistral (2 layers, hidden 64); base is llama")
     with pytest.raises(InputError) as info:
-        prepare_init_adapter(f"s3://{s3_bucket}/adapters/none/", llama_base, tmp_path / "work", settings)
-    assert str(info.value).startswith(f"init_adapter: there is nothing under s3://{s3_bucket}/adapters/none/")
+        prepare_init_adapter(f"s3://{s3_bucket}/init/adapters/none/", llama_base, tmp_path / "work", settings)
+    assert str(info.value).startswith(f"init_adapter: there is nothing under s3://{s3_bucket}/init/adapters/none/")
     assert s3_server.secret_key not in str(info.value)

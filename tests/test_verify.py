@@ -282,16 +282,16 @@ def test_missing_adapter_and_base_are_usage_errors(tmp_path, capsys, model_facto
 
 
 @pytest.fixture
-def s3_env(s3_server, s3_bucket, monkeypatch):
+def s3_env(s3_server, shared_s3_bucket, monkeypatch):
     from tests.conftest import worker_env_names
 
     for name in worker_env_names():
         monkeypatch.delenv(name, raising=False)
-    env = s3_server.env(s3_bucket)
+    env = s3_server.env(shared_s3_bucket)
     env.pop("S3_BUCKET")  # the user's machine: credentials and endpoint, the bucket is in the URI
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    return s3_bucket
+    return shared_s3_bucket
 
 
 def _upload(client, bucket: str, folder: Path, prefix: str) -> None:
