@@ -4,8 +4,13 @@
     python cli.py validate --input job.json            # check a job and its dataset; loads no weights
     python cli.py prefetch <base_model> [--revision R] # warm the volume's model cache
     python cli.py status <job_id>                      # the job's record (local SQLite records)
+    python cli.py verify --adapter DIR_OR_URI --base DIR_OR_ID [--strict] [--json]
+    python cli.py apply --adapter DIR_OR_URI --base DIR_OR_ID --prompt "..."
+    python cli.py merge --adapter DIR_OR_URI --base DIR_OR_ID --out DIR
 
-Each prints JSON on stdout. Exit codes: 0 ok, 1 the job failed, 2 bad usage or input.
+Each prints JSON on stdout (verify prints its verdict in words unless --json; apply prints the text).
+Exit codes: 0 ok, 1 the job failed, 2 bad usage or input, 3 the adapter does not fit the base (verify,
+apply and merge refuse before loading any weights).
 """
 
 from __future__ import annotations
@@ -71,6 +76,123 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _s3_settings(refs: list[str]):
+    """WorkerSettings for an s3:// adapter; the URI's bucket stands in when S3_BUCKET is unset."""
+    if not any(r.startswith("s3://") for r in refs):
+        return None
+    from pydantic import ValidationError
+
+    from config.job import format_validation_error
+    from config.settings import WorkerSettings
+    from errors import InputError
+
+    bucket = refs[0][len("s3://"):].split("/", 1)[0]
+    try:
+        # Endpoint and credentials from the environment; the bucket is the URI's, whatever S3_BUCKET says.
+        return WorkerSettings(s3_bucket=bucket)
+    except ValidationError as exc:
+        raise InputError(f"S3 settings for {bucket}: {format_validation_error(exc)}") from None
+
+
+def _checked_pair(args: argparse.Namespace, workdir: Path):
+    """Verify the pair; print the verdict to stderr; return it (None: it does not fit → exit 3)."""
+    import adapters
+
+    verdict, adapter, base = adapters.check_pair(args.adapter, args.base, workdir, revision=args.revision,
+                                                 settings=_s3_settings(args.adapter))
+    if verdict.exit_code(args.strict) != 0:
+        print(verdict.render(), file=sys.stderr)
+        return None
+    if verdict.status != adapters.COMPATIBLE:
+        print(verdict.render(), file=sys.stderr)
+    return verdict, adapter, base
+
+
+def _pair_command(func):
+    """Run an adapter command in a scratch folder; our errors become one line: exit 2, or 1 (download)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import tempfile
+
+        from errors import WorkerError, scrub
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="lora-adapter-") as workdir:
+                return func(args, Path(workdir))
+        except WorkerError as exc:
+            label = exc.stage if exc.stage in ("input", "model") else "download"
+            message = scrub(f"{label}: {exc.message}")
+            print(message, file=sys.stderr)
+            code = 2 if exc.stage in ("input", "model") else 1
+            if getattr(args, "json", False):
+                _print({"verdict": None, "error": message, "exit_code": code})
+            return code
+
+    return run
+
+
+@_pair_command
+def cmd_verify(args: argparse.Namespace, workdir: Path) -> int:
+    import adapters
+
+    verdict, _, _ = adapters.check_pair(args.adapter, args.base, workdir, revision=args.revision,
+                                        settings=_s3_settings(args.adapter))
+    if args.json:
+        _print(verdict.to_dict(args.strict))
+    else:
+        print(verdict.render())
+    return verdict.exit_code(args.strict)
+
+
+@_pair_command
+def cmd_apply(args: argparse.Namespace, workdir: Path) -> int:
+    import adapters
+
+    checked = _checked_pair(args, workdir)
+    if checked is None:
+        return 3
+    _, adapter, base = checked
+    model, tokenizer = adapters.load_adapted(adapter.folder, base.folder, device=args.device, dtype=args.dtype)
+    out = adapters.generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                            chat=False if args.no_chat_template else None, temperature=args.temperature,
+                            seed=args.seed)
+    if args.json:
+        _print({"text": out.text, "token_ids": out.token_ids, "prompt": out.prompt_text})
+    else:
+        print(out.text)
+    return 0
+
+
+@_pair_command
+def cmd_merge(args: argparse.Namespace, workdir: Path) -> int:
+    import adapters
+
+    out = Path(args.out).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"--out {out} exists and is not empty; name a new folder", file=sys.stderr)
+        return 2
+    checked = _checked_pair(args, workdir)
+    if checked is None:
+        return 3
+    verdict, adapter, base = checked
+    if out.is_dir():
+        out.rmdir()  # empty: the merged model is renamed into its place
+    manifest = adapters.merge_adapter(adapter, base, out, verdict, dtype=args.dtype)
+    _print({"out": str(out), "verdict": verdict.status, "files": manifest["files"]})
+    return 0
+
+
+def _pair_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, action="append",
+                   help="the adapter: a folder, s3://bucket/prefix/adapter/, or https URLs of its files "
+                        "(repeat --adapter for one presigned URL per file)")
+    p.add_argument("--base", required=True,
+                   help="the base model: a folder, or a Hugging Face repo id in the local cache (offline)")
+    p.add_argument("--revision", help="with a repo id: the branch, tag or commit in the cache")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse (exit 3) an adapter trained on other weights of the same architecture")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="print a job's record from the local records")
     p.add_argument("job_id")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("verify", help="does an adapter fit a base? (reads headers only; no weights)")
+    _pair_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.set_defaults(func=cmd_verify)
+
+    for name, text in (("apply", "verify, then generate with base + adapter"),
+                       ("merge", "verify, then merge the adapter into a standalone model")):
+        p = sub.add_parser(name, help=text)
+        _pair_arguments(p)
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights dtype (auto: as saved)")
+        if name == "apply":
+            p.add_argument("--prompt", required=True)
+            p.add_argument("--max-new-tokens", type=int, default=128)
+            p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+            p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature)")
+            p.add_argument("--no-chat-template", action="store_true",
+                           help="send the prompt as is, even if the base has a chat template")
+            p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+            p.add_argument("--json", action="store_true", help="print text and token ids as JSON")
+            p.set_defaults(func=cmd_apply)
+        else:
+            p.add_argument("--out", required=True, help="a new folder for the merged model")
+            p.set_defaults(func=cmd_merge)
     return parser
 
 

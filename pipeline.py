@@ -206,12 +206,29 @@ def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resol
     return resolved, runtime, tokenizer, prepared
 
 
+def _init_adapter(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
+                  resolved: ResolvedModel) -> adapters.InitAdapter | None:
+    """The adapter to continue from, fetched and verified against the base before any weight loads."""
+    if not job.init_adapter:
+        return None
+    with tracker.stage("model", "resolve_s"):
+        init = adapters.prepare_init_adapter(job.init_adapter, resolved.path,
+                                             settings.jobs_root / f".{tracker.job_id}.init-adapter",
+                                             settings, job.hyperparameters)
+    for warning in init.warnings:
+        logger.warning("init_adapter %s: %s", init.source, warning)
+    return init
+
+
 def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> dict:
     with tracker.stage("model", "resolve_s"):
         try:
             located = resolve_model(job.base_model, job.model_revision, settings, download=False)
         except ModelNotCached as miss:  # validation needs the tokenizer, never the weights
             located = fetch_metadata(miss, job.model_revision, settings)
+    if located.source != "hub_metadata":  # an init adapter is checked against the base's weight shapes
+        _init_adapter(job, settings, tracker, located)
+        shutil.rmtree(settings.jobs_root / f".{tracker.job_id}.init-adapter", ignore_errors=True)
     resolved, _, _, prepared = _prepare(job, settings, tracker, located)
     return {"job_id": job.job_id, "status": "valid", "base_model": resolved.to_output(),
             "dataset": prepared.report.to_dict()}
@@ -229,7 +246,12 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     job_id = tracker.job_id
     hp = job.hyperparameters
     store = open_artifact_store(settings)  # a misconfigured store fails before any GPU minute
-    resolved, runtime, tokenizer, prepared = _prepare(job, settings, tracker, _locate(job, settings, tracker))
+    located = _locate(job, settings, tracker)
+    # An init adapter is verified as soon as the base is on this worker: before the data, if it is.
+    init = _init_adapter(job, settings, tracker, located) if located is not None else None
+    resolved, runtime, tokenizer, prepared = _prepare(job, settings, tracker, located)
+    if located is None:
+        init = _init_adapter(job, settings, tracker, resolved)
 
     with tracker.stage("model", "stage_s"):
         load = plan_loading(resolved.path, settings.model_load_strategy, settings.local_stage_dir)
@@ -243,12 +265,15 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
             tokenizer=tokenizer, base_model_id=resolved.id, base_revision=resolved.revision,
             runtime=runtime, on_progress=tracker.on_train_progress,
             trust_remote_code=resolved.trust_remote_code,
+            init_adapter=init.path if init else None,
         )
     tracker.timings["load_s"] = round(tracker.timings.pop("stage_s") + result.load_seconds, 3)
     tracker.timings["train_s"] = round(result.train_seconds, 3)
 
     with tracker.stage("save", "save_s"):
-        manifest = _write_job_folder(job, resolved, prepared.report.to_dict(), result, job_dir, runtime)
+        manifest = _write_job_folder(job, resolved, prepared.report.to_dict(), result, job_dir, runtime,
+                                     init=init)
+    shutil.rmtree(settings.jobs_root / f".{job_id}.init-adapter", ignore_errors=True)
     result.model = None  # saved: free the weights before the upload
 
     with tracker.stage("upload", "upload_s"):
@@ -290,7 +315,7 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
 
 
 def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, result, job_dir: Path,
-                      runtime) -> dict:
+                      runtime, init: adapters.InitAdapter | None = None) -> dict:
     """Model card, metrics, loss curve, then the manifests, last, into the job folder."""
     from train_lora import write_training_report
 
@@ -312,6 +337,8 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
     manifest_dict = manifest.to_dict()
     manifest_dict["runtime"] = {"device": runtime.device, "precision": runtime.precision,
                                 "quantization": runtime.quantization}
+    if init is not None:
+        manifest_dict["init_adapter"] = init.to_manifest()  # what this adapter continued from
     (result.adapter_dir / "README.md").write_text(adapters.render_model_card(manifest_dict))
     write_training_report(result, job_dir)
     # The adapter's own manifest lists the adapter's files; the job's lists the whole folder.

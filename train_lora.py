@@ -199,9 +199,14 @@ def train_lora(
     on_progress: Callable[[ProgressEvent], None] | None = None,
     trust_remote_code: bool = False,
     callbacks: list | None = None,
+    init_adapter: str | Path | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter and save it to ``output_dir/adapter``; return metrics and the module list."""
-    from peft import LoraConfig, get_peft_model
+    """Train a LoRA adapter and save it to ``output_dir/adapter``; return metrics and the module list.
+
+    With ``init_adapter`` (a verified adapter folder), training continues from that adapter, with its
+    own rank, alpha and target modules, instead of starting a new one.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
@@ -210,21 +215,28 @@ def train_lora(
     load_started = time.monotonic()
     model = load_base_model(Path(model_path), runtime, trust_remote_code)
     load_seconds = time.monotonic() - load_started
-    targets = find_target_modules(model, hp.target_modules)
-    set_seed(hp.seed)  # the LoRA init draws from the RNG: same seed, same starting adapter
-    lora = LoraConfig(
-        r=hp.lora_r,
-        lora_alpha=hp.lora_alpha,
-        lora_dropout=hp.lora_dropout,
-        use_rslora=hp.use_rslora,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        saved = model.peft_config["default"].target_modules
+        targets = [saved] if isinstance(saved, str) else sorted(saved)  # a str is PEFT's regex form
+    else:
+        targets = find_target_modules(model, hp.target_modules)
+        set_seed(hp.seed)  # the LoRA init draws from the RNG: same seed, same starting adapter
+        lora = LoraConfig(
+            r=hp.lora_r,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            use_rslora=hp.use_rslora,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA r=%d alpha=%g on %s: %d trainable of %d parameters (%.3f%%), %s %s",
-                hp.lora_r, hp.lora_alpha, ",".join(targets), trainable, total,
+    active = model.peft_config["default"]
+    logger.info("LoRA r=%d alpha=%g on %s%s: %d trainable of %d parameters (%.3f%%), %s %s",
+                active.r, active.lora_alpha, ",".join(targets),
+                f" (continued from {init_adapter})" if init_adapter is not None else "", trainable, total,
                 100 * trainable / total, runtime.device, runtime.precision)
 
     has_eval = data.eval is not None

@@ -159,6 +159,23 @@ class TrainingJob(StrictModel):
     def _model_reference(cls, value: str | None) -> str | None:
         return _check_model_reference(value)
 
+    @field_validator("init_adapter")
+    @classmethod
+    def _adapter_reference(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        scheme = value.split("://", 1)[0] if "://" in value else None
+        if scheme is not None and scheme not in ("s3", "https", "http", "file"):
+            raise ValueError(
+                f"must be an s3:// or https:// URI of an adapter folder, or a path on the volume; "
+                f"got a {scheme}:// URI"
+            )
+        path = value.split("?", 1)[0].split("://", 1)[-1]
+        if ".." in path.split("/"):
+            raise ValueError("may not contain '..'; name the adapter folder directly")
+        return value
+
     @field_validator("model_revision")
     @classmethod
     def _revision(cls, value: str | None) -> str | None:

@@ -136,3 +136,55 @@ def hub(volume, monkeypatch):
     handler.get_settings.cache_clear()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(model_factory, tmp_path_factory):
+    """train(family, **model_kwargs) → (adapter folder, base folder): a tiny job through
+    ``handler.handler`` on that family's tiny model, so the adapter carries the worker's manifest.
+    Each (family, kwargs) trains once per session, on a volume of its own."""
+    import tempfile
+
+    import handler
+
+    root = tmp_path_factory.mktemp("trained-adapters")
+    cache: dict = {}
+
+    def train(family: str = "llama", **kwargs) -> tuple[Path, Path]:
+        key = (family, tuple(sorted(kwargs.items())))
+        if key in cache:
+            return cache[key]
+        model = model_factory(family, **kwargs)
+        vol = Path(tempfile.mkdtemp(prefix=f"volume-{model.name}-", dir=root))
+        shutil.copytree(model, vol / "models" / model.name)
+        (vol / "datasets").mkdir(parents=True)
+        shutil.copyfile(DEMO_DATA, vol / "datasets" / "capitals.jsonl")
+        with pytest.MonkeyPatch.context() as mp:
+            for name in worker_env_names():
+                mp.delenv(name, raising=False)
+            mp.setenv("VOLUME_ROOT", str(vol))
+            handler.get_settings.cache_clear()
+            try:
+                output = handler.handler({"id": "adapter", "input": small_job(
+                    base_model=model.name, job_id=f"adapter-{model.name}")})
+            finally:
+                handler.get_settings.cache_clear()
+        assert "error" not in output, output
+        cache[key] = (Path(output["adapter"]["uri"].removeprefix("file://")), vol / "models" / model.name)
+        return cache[key]
+
+    return train
+
+
+@pytest.fixture(scope="session")
+def shared_s3_bucket(s3_server) -> str:
+    """One bucket for every adapter test that writes to S3 (each test under a prefix of its own).
+
+    SeaweedFS grows several volumes per bucket (collection) and the test server allows 8 in all
+    (``-volume.max=8``), so a bucket per writing test runs out after two or three of them.
+    """
+    import uuid
+
+    bucket = f"adapter-tests-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    return bucket
