@@ -19,6 +19,10 @@ def make_s3_client(settings: WorkerSettings, *, max_attempts: int = 5, connect_t
 
     config = Config(
         retries={"max_attempts": max_attempts, "mode": "standard"},
+        # SigV4 everywhere, presigned URLs included (botocore presigns with SigV2 otherwise).
+        signature_version="s3v4",
+        # One connection per transfer thread (S3ArtifactStore uses 8), plus room for HEADs.
+        max_pool_connections=16,
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
