@@ -212,16 +212,24 @@ class SupabaseRecords:
     with exponential backoff. A 4xx answer is a mistake to fix (key, table, column) and fails at once.
     """
 
+    ATTEMPTS = 5
+    BACKOFF_S = 0.5  # doubled after each failed attempt, capped at MAX_BACKOFF_S: 0.5+1+2+4 = 7.5 s
+    MAX_BACKOFF_S = 8.0
+    TIMEOUT_S = 20.0
+
     def __init__(self, url: str, service_role_key: SecretStr, *, jobs_table: str = "training_jobs",
-                 artifacts_table: str = "training_artifacts", attempts: int = 5, backoff_s: float = 0.5,
-                 max_backoff_s: float = 8.0, timeout_s: float = 20.0,
-                 sleep: Callable[[float], None] = time.sleep):
+                 artifacts_table: str = "training_artifacts", attempts: int | None = None,
+                 backoff_s: float | None = None, timeout_s: float | None = None,
+                 sleep: Callable[[float], None] | None = None):
         import httpx
         from supabase import ClientOptions, SupabaseException, create_client
 
         self.url = url.rstrip("/")
         self.tables = {"job": jobs_table, "artifact": artifacts_table}
-        self.attempts, self.backoff_s, self.max_backoff_s, self.sleep = attempts, backoff_s, max_backoff_s, sleep
+        self.attempts = attempts or self.ATTEMPTS
+        self.backoff_s = self.BACKOFF_S if backoff_s is None else backoff_s
+        self.sleep = sleep or time.sleep
+        timeout_s = timeout_s or self.TIMEOUT_S
         self._lock = threading.Lock()  # progress callbacks may come from another thread
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
                                   event_hooks={"response": [_raise_on_server_error]})
@@ -266,7 +274,7 @@ class SupabaseRecords:
                 raise RecordError(f"could not {action} the {table} row for job {job_id}: "
                                   f"{type(exc).__name__}: {exc}") from exc
             if attempt < self.attempts:
-                delay = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
+                delay = min(self.backoff_s * 2 ** (attempt - 1), self.MAX_BACKOFF_S)
                 logger.warning("%s %s for job %s: Supabase %s; retry %d of %d in %.1fs", action, table,
                                job_id, reason, attempt, self.attempts - 1, delay)
                 self.sleep(delay)
