@@ -220,7 +220,10 @@ class S3ArtifactStore:
         checksum = head.get("ChecksumSHA256")
         # A single-part object's checksum is the file's SHA-256, computed by the server; a multipart
         # one's is a digest of its parts' digests ("…-N"), each verified by the server at upload.
-        if checksum and "-" not in checksum and checksum != _b64(entry.sha256):
+        # None: not uploaded by this store (or the server keeps no checksums), so not trusted.
+        if not checksum:
+            return f"{entry.name} has no SHA-256 checksum on the server"
+        if "-" not in checksum and checksum != _b64(entry.sha256):
             return f"{entry.name} does not match its sha256"
         return None
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 ACCESS_KEY = "test-access-key"
 SECRET_KEY = "test-secret-key-0123456789"
+READY_PROBE_BUCKET = "weed-ready-probe"
 
 
 def free_port() -> int:
@@ -77,7 +78,11 @@ class S3Server:
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
     log = open(log_path, "ab")
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # Each bucket is a SeaweedFS collection that grows 7 volumes at its first write by default: with
+    # -volume.max=8 the second bucket took the last slots and every later bucket's writes failed
+    # (InternalError, "no free volumes left"). One volume per growth keeps buckets cheap.
+    env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def _wait_ready(server: S3Server, timeout: float = 60.0) -> None:
@@ -89,8 +94,13 @@ def _wait_ready(server: S3Server, timeout: float = 60.0) -> None:
         if server.process.poll() is not None:
             raise RuntimeError(f"weed exited early:\n{server.log_path.read_text()[-3000:]}")
         try:
-            client.list_buckets()
-            return
+            # Listing answers before the volume server has (re)registered with the master; reads
+            # and writes of objects fail until it has (seen after start() following stop()).
+            if READY_PROBE_BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+                client.create_bucket(Bucket=READY_PROBE_BUCKET)
+            client.put_object(Bucket=READY_PROBE_BUCKET, Key="ready", Body=b"ok")
+            if client.get_object(Bucket=READY_PROBE_BUCKET, Key="ready")["Body"].read() == b"ok":
+                return
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"weed did not answer S3 in {timeout}s:\n{server.log_path.read_text()[-3000:]}")
@@ -110,7 +120,7 @@ def start_s3_server(workdir: Path) -> S3Server:
         "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")}
     args = [
         weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-master.volumeSizeLimitMB=64", "-volume.max=8",
+        "-master.volumeSizeLimitMB=64", "-volume.max=256", "-master.electionTimeout=1s", "-volume.preStopSeconds=0",
         "-s3", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         *(f"-{name.replace('.grpc', '.port.grpc') if '.grpc' in name else name + '.port'}={port}"
           for name, port in ports.items()),
