@@ -58,6 +58,7 @@ class _Fault:
     kind: str  # "status" | "hang"
     status: int = 0
     times: int = 1
+    table: str | None = None  # only requests for this table; None: any
 
 
 class _Answer(Exception):
@@ -110,8 +111,8 @@ class FakePostgrest:
         self._server.server_close()
 
     # --- faults --------------------------------------------------------------------------------
-    def fail(self, status: int, times: int = 1) -> None:
-        self._faults.append(_Fault("status", status, times))
+    def fail(self, status: int, times: int = 1, table: str | None = None) -> None:
+        self._faults.append(_Fault("status", status, times, table))
 
     def hang_after_write(self, times: int = 1) -> None:
         self._faults.append(_Fault("hang", times=times))
@@ -119,15 +120,15 @@ class FakePostgrest:
     def release(self) -> None:
         self._release.set()
 
-    def _next_fault(self) -> _Fault | None:
+    def _next_fault(self, path: str) -> _Fault | None:
         with self._lock:
-            if not self._faults:
-                return None
-            fault = self._faults[0]
-            fault.times -= 1
-            if fault.times <= 0:
-                self._faults.pop(0)
-            return fault
+            for fault in self._faults:
+                if fault.table is None or path == f"/rest/v1/{fault.table}":
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self._faults.remove(fault)
+                    return fault
+            return None
 
     # --- requests ------------------------------------------------------------------------------
     def writes(self, table: str) -> list[Recorded]:
@@ -143,7 +144,7 @@ class FakePostgrest:
         extra_headers: dict[str, str] = {}
         hang = False
         try:
-            fault = self._next_fault()
+            fault = self._next_fault(url.path)
             if fault is not None and fault.kind == "status":
                 raise _error(fault.status, "PGRST002", "Could not query the database for the schema cache. "
                              "Retrying.")
