@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -233,6 +234,8 @@ class SupabaseRecords:
         self._lock = threading.Lock()  # progress callbacks may come from another thread
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
                                   event_hooks={"response": [_raise_on_server_error]})
+        # One of these per job in a long-lived worker: give its connections back with it.
+        weakref.finalize(self, self._http.close)
         options = ClientOptions(httpx_client=self._http, postgrest_client_retry=False,
                                 auto_refresh_token=False, persist_session=False)
         try:

@@ -369,3 +369,30 @@ def test_a_requests_s3config_is_used_and_never_leaks(volume, s3_server, s3_bucke
                             "it needs accessId, accessSecret and bucketName (and endpointUrl for an "
                             "S3-compatible store)")
     assert s3_server.access_key not in bad["error"]
+
+
+ENDPOINTS = [
+    ("compatible store", "http://127.0.0.1:9000", None, "http://127.0.0.1:9000", "path", "us-east-1",
+     "http://127.0.0.1:9000/adapters/k"),
+    ("RunPod bucket URL", "https://adapters.s3.eu-west-2.amazonaws.com", None,
+     "https://s3.eu-west-2.amazonaws.com", "virtual", "eu-west-2", "https://adapters.s3.eu-west-2.amazonaws.com/k"),
+    ("AWS regional", "https://s3.us-west-2.amazonaws.com", None, "https://s3.us-west-2.amazonaws.com",
+     "virtual", "us-west-2", "https://adapters.s3.us-west-2.amazonaws.com/k"),
+    ("region given", "https://s3.amazonaws.com", "ap-south-1", "https://s3.amazonaws.com", "virtual",
+     "ap-south-1", "https://adapters.s3.amazonaws.com/k"),
+]
+
+
+@pytest.mark.parametrize("name,endpoint,region,want_endpoint,want_style,want_region,want_url", ENDPOINTS,
+                         ids=[e[0] for e in ENDPOINTS])
+def test_endpoints_address_the_bucket_as_the_store_expects(tmp_path, name, endpoint, region, want_endpoint,
+                                                          want_style, want_region, want_url):
+    from storage.s3 import make_s3_client, s3_endpoint
+
+    settings = WorkerSettings(volume_root=tmp_path, s3_bucket="adapters", s3_endpoint_url=endpoint,
+                              aws_access_key_id="AKIAEXAMPLEEXAMPLE00", aws_secret_access_key="s" * 40,
+                              aws_region=region)
+    assert s3_endpoint(settings) == (want_endpoint, want_style, want_region)
+    url = make_s3_client(settings).generate_presigned_url("get_object", Params={"Bucket": "adapters", "Key": "k"})
+    assert url.split("?")[0] == want_url and "X-Amz-Algorithm=AWS4-HMAC-SHA256" in url
+    assert f"%2F{want_region}%2Fs3%2Faws4_request" in url  # signed for the bucket's region
