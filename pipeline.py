@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import adapters
 from config.job import TrainingJob
 from config.settings import WorkerSettings
-from errors import TrainingError, WorkerError
+from errors import TrainingError, WorkerError, scrub
 from model_resolver import ResolvedModel, resolve_model
 from storage.artifacts import StoredArtifact, open_artifact_store
 from storage.records import Records, now_iso, open_records
@@ -138,7 +138,9 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
     except WorkerError as exc:
         try:
             records.upsert_job(job_id, {
-                "status": "failed", "stage": exc.stage, "error": f"{exc.stage}: {exc.message}",
+                "status": "failed", "stage": exc.stage,
+                # the record is read by the app: scrubbed like the output (signed URLs, keys)
+                "error": scrub(f"{exc.stage}: {exc.message}", settings.secret_values()),
                 "finished_at": now_iso(),
             })
         except WorkerError as record_exc:  # the job's own error, which names what was kept, wins

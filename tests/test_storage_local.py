@@ -154,3 +154,31 @@ def test_the_owner_set_by_the_edge_function_is_kept(volume):
     assert output["error"].startswith("model: ")
     row = records.get_job("owned")
     assert (row["status"], row["user_id"], row["metadata"]) == ("failed", OWNER, {"app": "x"})
+
+
+def test_the_failed_job_row_holds_no_signed_url(volume, monkeypatch):
+    import pipeline
+    from errors import DatasetError
+
+    signed = "https://x.supabase.co/storage/v1/object/sign/d.jsonl?token=eyJabc.def.ghi"
+
+    def fetch_fails(*args, **kwargs):  # a stage whose error quotes the URL it was given
+        raise DatasetError(f"could not download {signed}: 403")
+
+    monkeypatch.setattr(pipeline, "resolve_model", fetch_fails)
+    output = handler.handler({"id": "rp-7", "input": small_job(job_id="signed")})
+    row = SqliteRecords(volume / "records.sqlite3").get_job("signed")
+    assert row["status"] == "failed" and row["error"] == output["error"]
+    assert row["error"] == "dataset: could not download https://x.supabase.co/storage/v1/object/sign/d.jsonl" \
+                           "?<redacted> 403"
+
+
+def test_presign_seconds_is_bounded(tmp_path):
+    from pydantic import ValidationError
+
+    from config.settings import WorkerSettings
+
+    assert WorkerSettings(volume_root=tmp_path, presign_seconds="").presign_seconds is None
+    assert WorkerSettings(volume_root=tmp_path, presign_seconds="3600").presign_seconds == 3600
+    with pytest.raises(ValidationError):
+        WorkerSettings(volume_root=tmp_path, presign_seconds=8 * 24 * 3600)  # SigV4 allows 7 days
