@@ -292,15 +292,8 @@ class S3ArtifactStore:
         manifests = [job_dir / "adapter" / MANIFEST_NAME, job_dir / MANIFEST_NAME]
         data = [p for p in order if p not in manifests]
 
-        # An earlier, incomplete upload of this job may have left manifests that no longer describe
-        # the objects beside them: remove them first, so the prefix reads as incomplete until the end.
-        for path in reversed(manifests):
-            key = root + path.relative_to(job_dir).as_posix()
-            try:
-                self.client.delete_object(Bucket=self.bucket, Key=key)
-            except (BotoCoreError, ClientError) as exc:
-                raise self._error("replace", key, exc) from exc
-
+        # No delete first (upload-only credentials suffice): a stale manifest from an earlier, torn
+        # upload never reads as complete, since find_complete checks every object it lists.
         uploaded = skipped = 0
         current = root
         try:
