@@ -151,9 +151,10 @@ def test_job_id_defaults_to_the_row_id_and_updated_at_follows_writes(db):
     stamp = db.execute("SELECT updated_at FROM training_jobs WHERE id = %s", (row_id,)).fetchone()[0]
     assert stamp.year > 2000  # the trigger stamps every write, whatever the statement said
     created = db.execute("SELECT created_at FROM training_jobs WHERE id = %s", (row_id,)).fetchone()[0]
-    _job(db, job_id, status="succeeded")
-    after = db.execute("SELECT created_at, status FROM training_jobs WHERE id = %s", (row_id,)).fetchone()
-    assert after == (created, "succeeded")
+    # The worker's upsert names neither id nor user_id: it merges into the Edge Function's row.
+    postgrest_upsert(db, "training_jobs", {"job_id": job_id, "status": "succeeded"}, "job_id")
+    after = db.execute("SELECT created_at, status, user_id::text FROM training_jobs").fetchall()
+    assert after == [(created, "succeeded", OWNER)]
 
 
 def test_row_level_security(db):
