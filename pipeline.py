@@ -235,6 +235,8 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
                     job_id, job_dir)
     else:
         _train_into(job, settings, tracker, job_dir)
+    for skipped in ("resolve_s", "dataset_s", "load_s", "train_s", "save_s"):
+        tracker.timings.setdefault(skipped, 0.0)  # the output keeps its shape when a stage was not needed
 
     if stored is None:
         try:

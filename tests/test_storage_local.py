@@ -62,6 +62,7 @@ def test_a_redelivered_job_returns_the_same_output_without_training(volume, monk
     _no_training(monkeypatch)
     second = handler.handler(job)
     assert _without_timings(second) == _without_timings(first)
+    assert set(second["timings"]) == set(first["timings"]) and second["timings"]["train_s"] == 0.0
     assert _snapshot(folder) == before  # no second copy, nothing rewritten
     assert [p.name for p in folder.parent.iterdir()] == ["twice"]
     records = SqliteRecords(volume / "records.sqlite3")
