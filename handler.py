@@ -36,9 +36,13 @@ def configure_logging(settings: WorkerSettings) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
+    secrets = settings.secret_values()
     for handler in root.handlers:
-        if not any(isinstance(f, ScrubFilter) for f in handler.filters):
-            handler.addFilter(ScrubFilter(settings.secret_values()))
+        filters = [f for f in handler.filters if isinstance(f, ScrubFilter)]
+        if not filters:
+            handler.addFilter(ScrubFilter(secrets))
+        for scrub_filter in filters:  # a request's s3Config brings secrets of its own
+            scrub_filter.secrets = tuple(dict.fromkeys((*scrub_filter.secrets, *secrets)))
     root.setLevel(settings.log_level.upper())
     for noisy in ("httpx", "httpcore", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -61,6 +65,12 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
         except ValidationError as exc:
             stage = "upload" if "S3" in str(exc) else "record" if "Supabase" in str(exc) else "input"
             raise WorkerError(f"worker settings: {format_validation_error(exc)}", stage=stage) from None
+        if job.get("s3Config") is not None:
+            # RunPod's per-request bucket: it replaces the environment's, for this job only.
+            try:
+                settings = settings.with_s3_config(job["s3Config"])
+            except ValueError as exc:
+                raise WorkerError(str(exc), stage="upload") from None
         secrets = settings.secret_values()
         configure_logging(settings)
         request = TrainingJob.from_payload(job.get("input"), default_job_id=job.get("id"))

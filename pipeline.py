@@ -21,10 +21,10 @@ from typing import Any, Callable, Iterator
 import adapters
 from config.job import TrainingJob
 from config.settings import WorkerSettings
-from errors import TrainingError, WorkerError
+from errors import TrainingError, WorkerError, scrub
 from model_resolver import ModelNotCached, ResolvedModel, fetch_metadata, probe_missing, resolve_model
 from model_staging import plan_loading
-from storage.artifacts import ArtifactStore, open_artifact_store
+from storage.artifacts import StoredArtifact, open_artifact_store
 from storage.records import Records, now_iso, open_records
 
 logger = logging.getLogger(__name__)
@@ -49,9 +49,10 @@ class Tracker:
         self._last_sent = 0.0
 
     @contextmanager
-    def stage(self, name: str, timing: str) -> Iterator[None]:
+    def stage(self, name: str, timing: str, *, report: bool = True) -> Iterator[None]:
         self.current = name
-        self.send({"stage": name, "progress": STAGE_PROGRESS.get(name, 0.0)}, force=True)
+        if report:
+            self.send({"stage": name, "progress": STAGE_PROGRESS.get(name, 0.0)}, force=True)
         started = time.monotonic()
         try:
             yield
@@ -126,29 +127,42 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
 
     records = open_records(settings)
     tracker = Tracker(job_id, records, notify, settings.progress_interval_s)
+    # The Edge Function may have created the row with its owner and metadata: an upsert overwrites
+    # every column it names, so name user_id and metadata only when this job carries them.
+    owner = {"user_id": str(job.metadata["user_id"])} if job.metadata.get("user_id") else {}
     records.upsert_job(job_id, {
         "status": "running", "stage": "model", "error": None, "started_at": now_iso(),
         "base_model": job.base_model or settings.default_base_model,
-        "user_id": str(job.metadata.get("user_id")) if job.metadata.get("user_id") else None,
-        "metadata": job.metadata,
+        **owner, **({"metadata": job.metadata} if job.metadata else {}),
     })
     try:
         output = _train(job, settings, tracker, records)
     except WorkerError as exc:
-        records.upsert_job(job_id, {
-            "status": "failed", "stage": exc.stage, "error": f"{exc.stage}: {exc.message}",
-            "finished_at": now_iso(),
-        })
+        try:
+            records.upsert_job(job_id, {
+                "status": "failed", "stage": exc.stage,
+                # the record is read by the app: scrubbed like the output (signed URLs, keys)
+                "error": scrub(f"{exc.stage}: {exc.message}", settings.secret_values()),
+                "finished_at": now_iso(),
+            })
+        except WorkerError as record_exc:  # the job's own error, which names what was kept, wins
+            logger.warning("job %s: its failure was not recorded: %s", job_id, record_exc)
         raise
     tracker.timings["total_s"] = round(time.monotonic() - started, 3)
     output["timings"] = tracker.timings
     cost = _cost(tracker.timings, settings)
     if cost:
         output["cost"] = cost
-    records.upsert_job(job_id, {
-        "status": "succeeded", "progress": 1.0, "stage": "done", "output": output,
-        "finished_at": now_iso(),
-    })
+    try:
+        records.upsert_job(job_id, {
+            "status": "succeeded", "progress": 1.0, "stage": "done", "output": output,
+            "finished_at": now_iso(),
+        })
+    except WorkerError as exc:
+        raise WorkerError(
+            f"{exc.message}; the adapter is stored at {output['adapter']['uri']} and its artifact "
+            "record is written: re-run the job with the same job_id to finish the job record "
+            "without training again", stage="record", retryable=True) from exc
     return output
 
 
@@ -241,11 +255,72 @@ def _prefetch(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
 
 
 def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records: Records) -> dict:
+    """Train, store, record — each at most once per job_id.
+
+    A job delivered again goes on from the furthest finished step: a complete stored artifact is
+    only recorded; a complete job folder on the volume (trained, not stored) is only uploaded.
+    """
+    job_id = tracker.job_id
+    store = open_artifact_store(settings)  # a misconfigured store fails before any GPU minute
+    job_dir = settings.jobs_root / job_id
+
+    with tracker.stage("upload", "upload_s", report=False):
+        stored = store.find_complete(job.output.prefix, job_id)
+    if stored is not None:
+        logger.info("job %s: already stored at %s; recording it without training again", job_id,
+                    stored.adapter_uri)
+    elif _complete_job_folder(job_dir):
+        logger.info("job %s: the trained adapter at %s is complete; storing it without training again",
+                    job_id, job_dir)
+    else:
+        _train_into(job, settings, tracker, job_dir)
+    for skipped in ("resolve_s", "dataset_s", "load_s", "train_s", "save_s"):
+        tracker.timings.setdefault(skipped, 0.0)  # the output keeps its shape when a stage was not needed
+
+    if stored is None:
+        try:
+            with tracker.stage("upload", "upload_s"):
+                stored = store.put(job_dir, job.output.prefix, job_id)
+        except WorkerError as exc:
+            raise WorkerError(
+                f"{exc.message}; the trained adapter is kept at {job_dir / 'adapter'}: re-run the job "
+                "with the same job_id to store it without training again", stage="upload",
+                retryable=True) from exc
+
+    try:
+        with tracker.stage("record", "record_s"):
+            record_id = records.upsert_artifact(job_id, _artifact_record(stored))
+    except WorkerError as exc:
+        raise WorkerError(
+            f"{exc.message}; the adapter is stored at {stored.adapter_uri}: re-run the job with the "
+            "same job_id to write the record without training again", stage="record",
+            retryable=True) from exc
+
+    shutil.rmtree(job_dir, ignore_errors=True)  # stored and recorded: the scratch copy is redundant
+    return _train_output(job_id, stored, record_id)
+
+
+def _complete_job_folder(job_dir: Path) -> bool:
+    """Whether an earlier delivery left a finished job folder: its manifest is there and verifies."""
+    try:
+        manifest = adapters.read_manifest(job_dir)
+        if manifest is None or adapters.read_manifest(job_dir / "adapter") is None:
+            return False
+        problems = adapters.verify_files(job_dir, manifest)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("job folder %s is unreadable (%s); training again", job_dir, exc)
+        return False
+    if problems:
+        logger.warning("job folder %s is incomplete (%s); training again", job_dir, "; ".join(problems[:3]))
+    return not problems
+
+
+def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, job_dir: Path) -> None:
+    """Resolve, prepare, train and save the job folder (adapter, report, manifests last)."""
     from train_lora import train_lora
 
     job_id = tracker.job_id
     hp = job.hyperparameters
-    store = open_artifact_store(settings)  # a misconfigured store fails before any GPU minute
     located = _locate(job, settings, tracker)
     # An init adapter is verified as soon as the base is on this worker: before the data, if it is.
     init = _init_adapter(job, settings, tracker, located) if located is not None else None
@@ -255,7 +330,6 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
 
     with tracker.stage("model", "stage_s"):
         load = plan_loading(resolved.path, settings.model_load_strategy, settings.local_stage_dir)
-    job_dir = settings.jobs_root / job_id
     with tracker.stage("train", "train_s"):
         if job_dir.exists():
             shutil.rmtree(job_dir)  # an earlier attempt that never finished: start clean
@@ -271,51 +345,48 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     tracker.timings["train_s"] = round(result.train_seconds, 3)
 
     with tracker.stage("save", "save_s"):
-        manifest = _write_job_folder(job, resolved, prepared.report.to_dict(), result, job_dir, runtime,
-                                     init=init)
+        _write_job_folder(job, resolved, prepared.report.to_dict(), result, job_dir, runtime, load, init=init)
     shutil.rmtree(settings.jobs_root / f".{job_id}.init-adapter", ignore_errors=True)
     result.model = None  # saved: free the weights before the upload
 
-    with tracker.stage("upload", "upload_s"):
-        try:
-            stored = store.put(job_dir, job.output.prefix, job_id)
-        except WorkerError as exc:
-            raise WorkerError(f"{exc.message} (the trained adapter is kept at {job_dir / 'adapter'})",
-                              stage="upload", retryable=True) from exc
 
-    with tracker.stage("record", "record_s"):
-        try:
-            record_id = records.upsert_artifact(job_id, {
-                "uri": stored.adapter_uri, "bytes": stored.bytes,
-                "base_model_id": resolved.id, "base_model_revision": resolved.revision,
-                "base_model_fingerprint": resolved.fingerprint,
-                "metrics": result.metrics, "manifest": manifest,
-            })
-        except WorkerError as exc:
-            raise WorkerError(f"{exc.message}; the adapter is stored at {stored.adapter_uri}",
-                              stage="record", retryable=True) from exc
+def _artifact_record(stored: StoredArtifact) -> dict[str, Any]:
+    manifest = stored.manifest
+    base = manifest.get("base_model", {})
+    return {
+        "uri": stored.adapter_uri, "bytes": stored.bytes,
+        "base_model_id": base.get("id"), "base_model_revision": base.get("revision"),
+        "base_model_fingerprint": base.get("fingerprint"),
+        "metrics": manifest.get("metrics"), "manifest": manifest,
+        "download_urls": stored.download_urls, "download_expires_at": stored.download_expires_at,
+    }
 
-    shutil.rmtree(job_dir, ignore_errors=True)  # stored and recorded: the scratch copy is redundant
-    metrics = {k: result.metrics.get(k) for k in
-               ("train_loss", "eval_loss", "steps", "epochs", "train_tokens", "tokens_per_second",
-                "first_loss", "last_loss")}
+
+def _train_output(job_id: str, stored: StoredArtifact, record_id: str) -> dict[str, Any]:
+    """The job output, from the stored manifest alone: a re-delivered job answers the same."""
+    manifest = stored.manifest
+    metrics = manifest.get("metrics", {})
+    report = manifest.get("dataset", {})
+    peft = manifest.get("peft", {})
     return {
         "job_id": job_id,
         "status": "succeeded",
-        "base_model": {**{k: v for k, v in resolved.to_output().items() if k != "architecture"},
-                       "load": load.to_output()},
+        "base_model": {k: v for k, v in manifest.get("base_model", {}).items() if k != "architecture"},
         "adapter": stored.to_output(),
         "record_id": record_id,
-        "metrics": metrics,
-        "dataset": {k: v for k, v in prepared.report.to_dict().items()
+        "metrics": {k: metrics.get(k) for k in
+                    ("train_loss", "eval_loss", "steps", "epochs", "train_tokens", "tokens_per_second",
+                     "first_loss", "last_loss")},
+        "dataset": {k: v for k, v in report.items()
                     if k in ("examples", "eval_examples", "tokens", "trained_tokens", "truncated",
                              "dropped", "sha256")},
-        "lora": {"r": hp.lora_r, "alpha": hp.lora_alpha, "target_modules": result.target_modules},
+        "lora": {"r": peft.get("r"), "alpha": peft.get("lora_alpha"),
+                 "target_modules": peft.get("target_modules")},
     }
 
 
 def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, result, job_dir: Path,
-                      runtime, init: adapters.InitAdapter | None = None) -> dict:
+                      runtime, load, init: adapters.InitAdapter | None = None) -> dict:
     """Model card, metrics, loss curve, then the manifests, last, into the job folder."""
     from train_lora import write_training_report
 
@@ -324,7 +395,7 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
     lora = result.lora_config
     manifest = adapters.Manifest(
         job_id=job.job_id or "",
-        base_model={k: v for k, v in resolved.to_output().items()},
+        base_model={**resolved.to_output(), "load": load.to_output()},
         peft={"peft_type": "LORA", "r": lora.get("r"), "lora_alpha": lora.get("lora_alpha"),
               "lora_dropout": lora.get("lora_dropout"), "use_rslora": lora.get("use_rslora"),
               "target_modules": result.target_modules, "task_type": "CAUSAL_LM"},

@@ -9,7 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 RUNPOD_VOLUME = Path("/runpod-volume")
@@ -62,6 +71,9 @@ class WorkerSettings(BaseSettings):
     aws_region: str | None = Field(
         default=None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
     )
+    # Seconds a presigned download URL (one per adapter file, in the artifact record) stays valid;
+    # unset: no URLs. SigV4 caps it at 7 days.
+    presign_seconds: int | None = Field(default=None, gt=0, le=7 * 24 * 3600)
 
     # --- records (Supabase) --------------------------------------------------------------------
     supabase_url: str | None = None
@@ -87,7 +99,7 @@ class WorkerSettings(BaseSettings):
     @field_validator(
         "models_dir", "model_path", "hf_home", "hf_endpoint", "s3_bucket", "s3_endpoint_url", "aws_region",
         "supabase_url", "default_base_model", "gpu_hourly_usd", "max_train_seconds",
-        mode="before",
+        "presign_seconds", mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -155,6 +167,25 @@ class WorkerSettings(BaseSettings):
             roots.append(self.model_path)
         return tuple(dict.fromkeys(roots))
 
+    def with_s3_config(self, s3_config: object) -> WorkerSettings:
+        """These settings with a request's ``s3Config`` (RunPod's per-request bucket) as the artifact
+        store. Raises ValueError naming the keys that are wrong, never their values."""
+        try:
+            request = RequestS3Config.model_validate(s3_config)
+        except ValidationError as exc:
+            keys = sorted({".".join(str(p) for p in e["loc"]) or "s3Config" for e in exc.errors()})
+            raise ValueError(
+                "the request's s3Config is missing or has invalid " + ", ".join(keys)
+                + "; it needs accessId, accessSecret and bucketName (and endpointUrl for an "
+                "S3-compatible store)"
+            ) from None
+        return self.model_copy(update={
+            "s3_bucket": request.bucket_name,
+            "s3_endpoint_url": request.endpoint_url,
+            "aws_access_key_id": request.access_id,
+            "aws_secret_access_key": request.access_secret,
+        })
+
     def secret_values(self) -> list[str]:
         """Every secret this worker holds, for scrubbing text before it leaves the process."""
         secrets = (
@@ -162,3 +193,19 @@ class WorkerSettings(BaseSettings):
             self.supabase_service_role_key,
         )
         return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
+
+
+class RequestS3Config(BaseModel):
+    """RunPod's ``job["s3Config"]``: a bucket given with the request instead of the environment."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, hide_input_in_errors=True)
+
+    access_id: SecretStr = Field(alias="accessId", min_length=1)
+    access_secret: SecretStr = Field(alias="accessSecret", min_length=1)
+    bucket_name: str = Field(alias="bucketName", min_length=3, max_length=255)
+    endpoint_url: str | None = Field(default=None, alias="endpointUrl", pattern=r"^https?://")
+
+    @field_validator("endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value

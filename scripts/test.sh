@@ -5,6 +5,20 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 mkdir -p build
+
+# PostgreSQL's server binaries for the migration tests (tests/services.py starts a throwaway cluster;
+# the S3 server comes from the venv). CI runs as root on a fresh machine: install them there.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "scripts/test.sh: installing PostgreSQL (apt-get install postgresql)" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql >/dev/null \
+            || { echo "scripts/test.sh: apt-get install postgresql failed" >&2; exit 1; }
+    else
+        echo "scripts/test.sh: PostgreSQL is not installed, so the migration tests will skip" \
+             "(they fail when CI=true): sudo apt-get install postgresql" >&2
+    fi
+fi
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 export MPLCONFIGDIR="${MPLCONFIGDIR:-$PWD/build/mpl}"
 

@@ -1,28 +1,39 @@
 """Job and artifact records: ``training_jobs`` and ``training_artifacts`` (CONTRACT §4).
 
 The embedded default is SQLite at ``$VOLUME_ROOT/records.sqlite3`` with the same tables and
-constraints as the Supabase migration. Every write is an upsert keyed on ``job_id``, so a job
-delivered twice gives one row in each table.
+constraints as the Supabase migration (``supabase/migrations/*_training_tables.sql``: keep the two in
+step). With ``SUPABASE_URL`` set, records go to Supabase through supabase-py with the service-role
+key. Every write is an upsert keyed on ``job_id``, so a job delivered twice gives one row in each
+table, and retrying a write whose answer was lost is safe.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import sqlite3
 import threading
+import time
 import uuid
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
+
+from pydantic import SecretStr
 
 from config.settings import WorkerSettings
-from errors import RecordError
+from errors import InputError, RecordError
+
+logger = logging.getLogger(__name__)
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 JOB_COLUMNS = ("status", "progress", "current_step", "total_steps", "last_loss", "stage", "error",
                "base_model", "user_id", "metadata", "output", "started_at", "finished_at")
 ARTIFACT_COLUMNS = ("uri", "bytes", "base_model_id", "base_model_revision", "base_model_fingerprint",
-                    "metrics", "manifest")
+                    "metrics", "manifest", "download_urls", "download_expires_at")
+JSON_COLUMNS = ("metadata", "output", "metrics", "manifest", "download_urls")
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS training_jobs (
@@ -43,11 +54,19 @@ CREATE TABLE IF NOT EXISTS training_jobs (
     started_at    TEXT,
     finished_at   TEXT,
     created_at    TEXT NOT NULL,
-    updated_at    TEXT NOT NULL
+    updated_at    TEXT NOT NULL,
+    -- the Edge Function's submission state (supabase/migrations/*_job_submission.sql); unused here
+    model_revision   TEXT,
+    dataset          TEXT,
+    hyperparameters  TEXT,
+    output_prefix    TEXT,
+    runpod_job_id    TEXT,
+    submit_attempts  INTEGER NOT NULL DEFAULT 0 CHECK (submit_attempts >= 0),
+    submitted_at     TEXT
 );
 CREATE TABLE IF NOT EXISTS training_artifacts (
     id                      TEXT PRIMARY KEY,
-    job_id                  TEXT NOT NULL UNIQUE,
+    job_id                  TEXT NOT NULL UNIQUE REFERENCES training_jobs (job_id) ON DELETE CASCADE,
     uri                     TEXT NOT NULL,
     bytes                   INTEGER NOT NULL CHECK (bytes >= 0),
     base_model_id           TEXT NOT NULL,
@@ -55,10 +74,18 @@ CREATE TABLE IF NOT EXISTS training_artifacts (
     base_model_fingerprint  TEXT NOT NULL,
     metrics                 TEXT,
     manifest                TEXT,
+    download_urls           TEXT,
+    download_expires_at     TEXT,
     created_at              TEXT NOT NULL,
     updated_at              TEXT NOT NULL
 );
 """
+# Columns added after the first release: a records file on an existing volume gets them on open.
+ADDED_COLUMNS = {
+    "training_artifacts": ("download_urls TEXT", "download_expires_at TEXT"),
+    "training_jobs": ("model_revision TEXT", "dataset TEXT", "hyperparameters TEXT", "output_prefix TEXT",
+                      "runpod_job_id TEXT", "submit_attempts INTEGER NOT NULL DEFAULT 0", "submitted_at TEXT"),
+}
 
 
 def now_iso() -> str:
@@ -87,6 +114,11 @@ class SqliteRecords:
             path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as db:
                 db.executescript(SCHEMA)
+                for table, columns in ADDED_COLUMNS.items():
+                    have = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                    for column in columns:
+                        if column.split()[0] not in have:
+                            db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         except sqlite3.Error as exc:
             raise RecordError(f"cannot open the records database {path}: {exc}") from exc
 
@@ -126,7 +158,7 @@ class SqliteRecords:
         if row is None:
             return None
         out = dict(row)
-        for key in ("metadata", "output", "metrics", "manifest"):
+        for key in JSON_COLUMNS:
             if isinstance(out.get(key), str):
                 out[key] = json.loads(out[key])
         return out
@@ -138,10 +170,184 @@ class SqliteRecords:
         return self._get("training_artifacts", job_id)
 
 
-def open_records(settings: WorkerSettings) -> Records:
-    if settings.supabase_url:
+# --------------------------------------------------------------------------------------------------
+# Supabase
+
+
+class _ServerError(Exception):
+    """A 5xx answer from Supabase (gateway or PostgREST): worth retrying an idempotent write."""
+
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.body = body
+
+
+def _raise_on_server_error(response) -> None:
+    # supabase-py turns every non-2xx answer into an APIError without its status code; an httpx
+    # response hook sees the status first, so 5xx (retry) and 4xx (fix something) stay apart.
+    if response.status_code >= 500:
+        response.read()
+        raise _ServerError(response.status_code, response.text[:300])
+
+
+def _finite(value: Any) -> Any:
+    """JSON without NaN/Infinity (PostgreSQL's jsonb and supabase-py refuse them): they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+# What a PostgREST error code means for the person who has to fix it.
+_API_HINTS = {
+    "PGRST205": "the table does not exist: apply supabase/migrations (supabase db push), or set "
+                "SUPABASE_JOBS_TABLE / SUPABASE_ARTIFACTS_TABLE",
+    "42P01": "the table does not exist: apply supabase/migrations (supabase db push)",
+    "PGRST204": "the table lacks a column this worker writes: apply supabase/migrations",
+    "42P10": "the table has no unique job_id constraint: apply supabase/migrations",
+    "42501": "the key may not write this table: SUPABASE_SERVICE_ROLE_KEY must be the service-role "
+             "key, not the anon key",
+    "PGRST301": "the key was refused: check SUPABASE_SERVICE_ROLE_KEY",
+    "PGRST302": "the key was refused: check SUPABASE_SERVICE_ROLE_KEY",
+}
+
+
+class SupabaseRecords:
+    """Records in Supabase (PostgREST through supabase-py), written with the service-role key.
+
+    supabase-py retries only reads, and never on a timeout. Every write here is an upsert on
+    ``job_id`` (``Prefer: resolution=merge-duplicates``), so retrying one whose answer was lost
+    cannot make a second row: 5xx answers, timeouts and dropped connections are retried, bounded,
+    with exponential backoff. A 4xx answer is a mistake to fix (key, table, column) and fails at once.
+    """
+
+    ATTEMPTS = 5
+    BACKOFF_S = 0.5  # doubled after each failed attempt, capped at MAX_BACKOFF_S: 0.5+1+2+4 = 7.5 s
+    MAX_BACKOFF_S = 8.0
+    TIMEOUT_S = 20.0
+
+    def __init__(self, url: str, service_role_key: SecretStr, *, jobs_table: str = "training_jobs",
+                 artifacts_table: str = "training_artifacts", attempts: int | None = None,
+                 backoff_s: float | None = None, timeout_s: float | None = None,
+                 sleep: Callable[[float], None] | None = None):
+        import httpx
+        from supabase import ClientOptions, SupabaseException, create_client
+
+        self.url = url.rstrip("/")
+        self.tables = {"job": jobs_table, "artifact": artifacts_table}
+        self.attempts = attempts or self.ATTEMPTS
+        self.backoff_s = self.BACKOFF_S if backoff_s is None else backoff_s
+        self.sleep = sleep or time.sleep
+        timeout_s = timeout_s or self.TIMEOUT_S
+        self._lock = threading.Lock()  # progress callbacks may come from another thread
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+                                  event_hooks={"response": [_raise_on_server_error]})
+        # One of these per job in a long-lived worker: give its connections back with it.
+        weakref.finalize(self, self._http.close)
+        options = ClientOptions(httpx_client=self._http, postgrest_client_retry=False,
+                                auto_refresh_token=False, persist_session=False)
+        try:
+            self.client = create_client(self.url, service_role_key.get_secret_value(), options)
+        except SupabaseException as exc:
+            raise RecordError(f"SUPABASE_URL must be the project's https:// URL; got {self.url!r} ({exc})") from None
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> SupabaseRecords:
+        if not settings.supabase_url or settings.supabase_service_role_key is None:
+            raise RecordError("Supabase records need both SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
+        return cls(settings.supabase_url, settings.supabase_service_role_key,
+                   jobs_table=settings.supabase_jobs_table, artifacts_table=settings.supabase_artifacts_table)
+
+    def _call(self, action: str, table: str, job_id: str, request: Callable[[], Any]) -> list[dict[str, Any]]:
+        import httpx
+        from postgrest.exceptions import APIError
+
+        reason = "failed"
+        for attempt in range(1, self.attempts + 1):
+            try:
+                with self._lock:
+                    return list(request().execute().data or [])
+            except _ServerError as exc:
+                reason = f"answered HTTP {exc.status}"
+            except httpx.TimeoutException as exc:
+                reason = f"did not answer in time ({type(exc).__name__})"
+            except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                reason = f"could not be reached ({type(exc).__name__}: {exc})"
+            except APIError as exc:
+                hint = _API_HINTS.get(str(exc.code or ""), "")
+                detail = "; ".join(str(x) for x in (exc.message, exc.details, exc.hint) if x)
+                raise RecordError(
+                    f"could not {action} the {table} row for job {job_id}: Supabase refused it "
+                    f"({exc.code or 'error'}: {detail or 'no detail'})" + (f"; {hint}" if hint else ""),
+                    retryable=False,
+                ) from exc
+            except httpx.HTTPError as exc:
+                raise RecordError(f"could not {action} the {table} row for job {job_id}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            if attempt < self.attempts:
+                delay = min(self.backoff_s * 2 ** (attempt - 1), self.MAX_BACKOFF_S)
+                logger.warning("%s %s for job %s: Supabase %s; retry %d of %d in %.1fs", action, table,
+                               job_id, reason, attempt, self.attempts - 1, delay)
+                self.sleep(delay)
         raise RecordError(
-            "Supabase records are configured (SUPABASE_URL) but this worker build keeps records in "
-            "SQLite only; unset SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY"
+            f"could not {action} the {table} row for job {job_id}: Supabase at {self.url} {reason} "
+            f"({self.attempts} attempts); check the project's status, then re-run the job with the same job_id",
+            retryable=True,
         )
+
+    def _row(self, job_id: str, allowed: tuple[str, ...], table: str, fields: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(fields) - set(allowed)
+        if unknown:
+            raise ValueError(f"unknown {table} columns: {sorted(unknown)}")
+        user_id = fields.get("user_id")
+        if user_id is not None:
+            try:
+                uuid.UUID(str(user_id))
+            except ValueError:
+                raise InputError(
+                    f"metadata.user_id must be the owner's Supabase user id (a UUID) when records go to "
+                    f"Supabase; got {str(user_id)[:64]!r}"
+                ) from None
+        return _finite({"job_id": job_id, **fields})
+
+    def upsert_job(self, job_id: str, fields: dict[str, Any]) -> None:
+        from postgrest.types import ReturnMethod
+
+        table = self.tables["job"]
+        row = self._row(job_id, JOB_COLUMNS, table, fields)
+        self._call("write", table, job_id, lambda: self.client.table(table).upsert(
+            row, on_conflict="job_id", returning=ReturnMethod.minimal))
+
+    def upsert_artifact(self, job_id: str, fields: dict[str, Any]) -> str:
+        table = self.tables["artifact"]
+        row = self._row(job_id, ARTIFACT_COLUMNS, table, fields)
+        rows = self._call("write", table, job_id, lambda: self.client.table(table).upsert(
+            row, on_conflict="job_id").select("id"))
+        if not rows or "id" not in rows[0]:
+            raise RecordError(f"Supabase wrote the {table} row for job {job_id} but did not return its id")
+        return str(rows[0]["id"])
+
+    def _get(self, table: str, job_id: str) -> dict[str, Any] | None:
+        rows = self._call("read", table, job_id,
+                          lambda: self.client.table(table).select("*").eq("job_id", job_id).limit(1))
+        return rows[0] if rows else None
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        return self._get(self.tables["job"], job_id)
+
+    def get_artifact(self, job_id: str) -> dict[str, Any] | None:
+        return self._get(self.tables["artifact"], job_id)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def open_records(settings: WorkerSettings) -> Records:
+    """Supabase when SUPABASE_URL is set (settings refuse it without the key), else SQLite on the volume."""
+    if settings.supabase_url:
+        return SupabaseRecords.from_settings(settings)
     return SqliteRecords(settings.records_path)

@@ -178,13 +178,43 @@ def trained_adapter(model_factory, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shared_s3_bucket(s3_server) -> str:
-    """One bucket for every adapter test that writes to S3 (each test under a prefix of its own).
-
-    SeaweedFS grows several volumes per bucket (collection) and the test server allows 8 in all
-    (``-volume.max=8``), so a bucket per writing test runs out after two or three of them.
-    """
+    """One bucket for the adapter tests that write to S3, each test under a prefix of its own."""
     import uuid
 
     bucket = f"adapter-tests-{uuid.uuid4().hex[:8]}"
     s3_server.client().create_bucket(Bucket=bucket)
     return bucket
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL on loopback for the whole session (tests/services.py). Missing PostgreSQL
+    skips the test on a workstation and fails it in CI (CI=true), where scripts/test.sh installs it."""
+    from tests.services import PostgresMissing, start_postgres
+
+    try:
+        server = start_postgres()
+    except PostgresMissing as exc:
+        if _ci():
+            pytest.fail(f"CI=true and {exc}")
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_db(postgres_server, request) -> str:
+    """A fresh, empty database per test; its connection string."""
+    import re
+    import uuid
+
+    import psycopg
+
+    name = "t_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:6]
+    with psycopg.connect(postgres_server.dsn(), autocommit=True) as db:
+        db.execute(f'CREATE DATABASE "{name}"')
+    return postgres_server.dsn(name)
