@@ -125,9 +125,9 @@ def test_jsonl_file_on_the_volume(tokenizer, settings):
 @pytest.mark.parametrize("lines,fragments", [
     (['{"prompt": "a", "completion": "b"}', '{"prompt": "a", completion: b}'], ["line 2", "not valid JSON"]),
     ([""], ["is empty"]),
-    (['{"question": "a", "answer": "b"}'], ["record 1", "found columns ['answer', 'question']", "messages"]),
-    (['{"messages": [{"role": "bot", "content": "x"}]}'], ["record 1", "role 'bot'", "system, user, assistant"]),
-    (['{"prompt": "a", "completion": "  "}'], ["record 1", "empty completion"]),
+    (['{"question": "a", "answer": "b"}'], ["line 1", "found columns ['answer', 'question']", "messages"]),
+    (['{"messages": [{"role": "bot", "content": "x"}]}'], ["line 1", "role 'bot'", "system, user, assistant"]),
+    (['{"prompt": "a", "completion": "  "}'], ["line 1", "empty completion"]),
     (['{"messages": [{"role": "user", "content": "only a question"}]}'], ["no non-empty assistant turn"]),
 ])
 def test_bad_files_say_where(settings, lines, fragments):
