@@ -162,16 +162,22 @@ def check_address(address: str, settings: WorkerSettings) -> str | None:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if ip.is_link_local or ip in ipaddress.ip_network("fd00:ec2::/32"):
+    if ip.is_link_local or ip in _METADATA_V6:
         return "a link-local address (where cloud metadata services live)"
-    if ip.is_multicast or ip.is_unspecified or ip.is_reserved:
-        return "a reserved, multicast or unspecified address"
+    if ip.is_multicast or ip.is_unspecified:
+        return "a multicast or unspecified address"
     if ip.is_global:
         return None
-    if settings.allow_private_urls:
-        return None
-    kind = "a loopback address" if ip.is_loopback else "a private-network address"
-    return f"{kind}; set ALLOW_PRIVATE_URLS=true on the endpoint to allow it"
+    if ip.is_loopback or ip.is_private or ip in _SHARED_V4:
+        if settings.allow_private_urls:
+            return None
+        kind = "a loopback address" if ip.is_loopback else "a private-network address"
+        return f"{kind}; set ALLOW_PRIVATE_URLS=true on the endpoint to allow it"
+    return "a reserved address"
+
+
+_METADATA_V6 = ipaddress.ip_network("fd00:ec2::/32")  # AWS's IPv6 metadata service
+_SHARED_V4 = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT, also Tailscale's range
 
 
 def resolve_host(host: str, port: int, settings: WorkerSettings, shown: str) -> list[str]:

@@ -1,0 +1,247 @@
+"""Dataset sources against real servers on loopback: http(s) (tests/http_server.py) and S3 (SeaweedFS).
+
+The URL checks (private, loopback, link-local addresses; redirects; size caps while streaming) run
+against the same real server, with ALLOW_PRIVATE_URLS switched on where the test needs to reach it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import socket
+
+import pytest
+
+import handler
+from config.job import DatasetSpec, TrainingJob
+from config.settings import WorkerSettings
+from dataset_loader import read_dataset
+from dataset_sources import check_address, display_url
+from errors import DatasetError, InputError
+from tests.conftest import small_job
+from tests.http_server import start_file_server
+
+ROWS = [{"prompt": f"Capital {i}?", "completion": f"City {i}."} for i in range(6)]
+JSONL = "\n".join(json.dumps(r) for r in ROWS).encode() + b"\n"
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJ1cmwiOiJkYXRhc2V0cy90cmFpbi5qc29ubCJ9.c2lnbmF0dXJlc2VjcmV0"
+SIGNED = "/storage/v1/object/sign/datasets/train.jsonl"
+
+
+@pytest.fixture
+def http_server():
+    server = start_file_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def https_server(tmp_path, monkeypatch):
+    server = start_file_server(tls_folder=tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_file))  # trust the test CA, as a private CA is trusted
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def open_settings(volume) -> WorkerSettings:
+    """Settings that may reach the loopback test servers."""
+    return WorkerSettings(allow_private_urls=True)
+
+
+def read(uri: str, settings: WorkerSettings, **spec):
+    return read_dataset(DatasetSpec(uri=uri, **spec), settings, seed=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# http(s)
+
+
+def test_https_signed_url_is_fetched_and_its_token_never_shown(https_server, open_settings, caplog):
+    https_server.files[SIGNED] = JSONL
+    url = https_server.url(f"{SIGNED}?token={TOKEN}")
+    caplog.set_level("INFO")  # handler.configure_logging keeps urllib3 (which logs paths) at WARNING
+    raw = read(url, open_settings)
+    assert [ex.completion for ex in raw.train] == [r["completion"] for r in ROWS]
+    report = raw.report
+    assert report.sha256 == hashlib.sha256(JSONL).hexdigest() and report.bytes == len(JSONL)
+    assert report.source == https_server.url(SIGNED) and report.file_format == "jsonl"
+    # The server got the token; nothing the worker reports or logs repeats it.
+    assert https_server.requests[0][1] == f"{SIGNED}?token={TOKEN}"
+    assert TOKEN not in json.dumps(report.to_dict()), report.to_dict()
+    assert "token=" not in caplog.text
+
+
+def test_https_by_host_name_verifies_the_certificate(https_server, open_settings, monkeypatch):
+    https_server.files["/train.jsonl"] = JSONL
+    assert len(read(https_server.url("/train.jsonl", host="localhost"), open_settings).train) == 6
+    monkeypatch.delenv("SSL_CERT_FILE")
+    import certifi
+
+    monkeypatch.setenv("SSL_CERT_FILE", certifi.where())  # a store without the test CA
+    with pytest.raises(DatasetError, match="TLS verification failed"):
+        read(https_server.url("/train.jsonl"), open_settings)
+
+
+def test_http_url_and_redirects_are_followed(http_server, open_settings):
+    http_server.files["/data/train.jsonl.gz"] = gzip.compress(JSONL)
+    http_server.redirects["/latest"] = "/hop"
+    http_server.redirects["/hop"] = "/data/train.jsonl.gz"
+    raw = read(http_server.url("/latest"), open_settings)
+    assert len(raw.train) == 6 and raw.report.file_format == "jsonl.gz"
+    assert [r[1] for r in http_server.requests] == ["/latest", "/hop", "/data/train.jsonl.gz"]
+    assert raw.report.sha256 == hashlib.sha256(gzip.compress(JSONL)).hexdigest()
+
+
+def test_a_redirect_is_checked_like_the_first_url(http_server, open_settings):
+    http_server.redirects["/to-metadata"] = "http://169.254.169.254/latest/meta-data/"
+    http_server.redirects["/to-file"] = "file:///etc/passwd"
+    http_server.redirects["/loop"] = "/loop"
+    with pytest.raises(DatasetError, match=r"169\.254\.169\.254, a link-local address"):
+        read(http_server.url("/to-metadata"), open_settings)
+    with pytest.raises(DatasetError, match="only http:// and https:// URLs are fetched, not file"):
+        read(http_server.url("/to-file"), open_settings)
+    with pytest.raises(DatasetError, match="more than 5 redirects"):
+        read(http_server.url("/loop"), open_settings)
+
+
+@pytest.mark.parametrize("host,kind", [
+    ("127.0.0.1", "a loopback address"),
+    ("localhost", "a loopback address"),
+    ("[::1]", "a loopback address"),
+    ("10.1.2.3", "a private-network address"),
+    ("192.168.0.10", "a private-network address"),
+    ("100.64.0.1", "a private-network address"),
+    ("[::ffff:127.0.0.1]", "a loopback address"),
+])
+def test_private_addresses_are_refused_without_the_switch(http_server, settings, host, kind):
+    http_server.files["/train.jsonl"] = JSONL
+    with pytest.raises(DatasetError) as info:
+        read(http_server.url("/train.jsonl", host=host), settings)
+    assert f"{kind}; set ALLOW_PRIVATE_URLS=true" in str(info.value)
+    assert str(info.value).endswith("Datasets are fetched from public addresses only")
+    assert http_server.requests == []  # refused before connecting
+
+
+def test_link_local_is_refused_even_with_the_switch(open_settings):
+    for address in ("169.254.169.254", "fe80::1", "fd00:ec2::254"):
+        assert "link-local" in check_address(address, open_settings)
+    assert check_address("10.0.0.1", open_settings) is None
+    assert check_address("8.8.8.8", WorkerSettings()) is None
+
+
+def test_every_resolved_address_is_checked(settings, monkeypatch):
+    # DNS is the one thing no loopback server can stand in for: a name that resolves to a public
+    # and a private address must be refused as a whole.
+    def two_answers(host, port, *args, **kwargs):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.7", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_answers)
+    with pytest.raises(DatasetError, match=r"https://data\.example\.com/t\.jsonl points at 10\.0\.0\.7"):
+        read("https://data.example.com/t.jsonl?sig=abc", settings)
+
+
+@pytest.mark.parametrize("status,fragment,retryable", [
+    (404, "answered 404 Not Found: the file is not there", False),
+    (403, "answered 403 Forbidden: access denied; a signed URL may have expired", False),
+    (503, "answered 503 Service Unavailable: the server failed; try again", True),
+])
+def test_http_errors_are_dataset_errors_without_the_query(http_server, open_settings, status, fragment,
+                                                          retryable):
+    http_server.statuses["/f.jsonl"] = status
+    with pytest.raises(DatasetError) as info:
+        read(http_server.url(f"/f.jsonl?token={TOKEN}"), open_settings)
+    assert fragment in str(info.value) and info.value.retryable is retryable
+    assert TOKEN not in str(info.value) and "?" not in str(info.value)
+
+
+def test_a_missing_path_is_a_404(http_server, open_settings):
+    with pytest.raises(DatasetError, match=r"/nothing\.jsonl answered 404"):
+        read(http_server.url("/nothing.jsonl"), open_settings)
+
+
+def test_size_cap_by_content_length_and_while_streaming(http_server, volume):
+    settings = WorkerSettings(allow_private_urls=True, max_dataset_bytes=1 << 20)
+    http_server.files["/big.jsonl"] = b"x" * ((1 << 20) + 1)
+    with pytest.raises(DatasetError, match=r"is 1048577 bytes, over the 1048576-byte cap \(MAX_DATASET_BYTES\)"):
+        read(http_server.url("/big.jsonl"), settings)
+    # No Content-Length: the cap is found while streaming, long before the 256 MiB the server offers.
+    http_server.streams["/endless.jsonl"] = (b"x" * 65536, 4096)
+    with pytest.raises(DatasetError, match="is more than 1048576 bytes, over the 1048576-byte cap"):
+        read(http_server.url("/endless.jsonl"), settings)
+    assert http_server.sent["/endless.jsonl"] < 64 << 20
+
+
+def test_an_html_page_is_not_a_dataset(http_server, open_settings):
+    http_server.files["/share/abc"] = b"<html><body>Download</body></html>"
+    http_server.content_types["/share/abc"] = "text/html; charset=utf-8"
+    with pytest.raises(DatasetError, match="returned an HTML page, not a data file"):
+        read(http_server.url("/share/abc"), open_settings)
+
+
+def test_urls_with_credentials_and_other_schemes(settings):
+    with pytest.raises(DatasetError, match="user name or password are refused"):
+        read("https://user:pw@example.com/t.jsonl", settings)
+    assert display_url("https://u:p@host:8443/a/b.jsonl?token=x#f") == "https://host:8443/a/b.jsonl"
+    with pytest.raises(InputError, match="dataset.uri: scheme 'ftp://' is not supported"):
+        TrainingJob.from_payload(small_job(dataset={"uri": "ftp://example.com/t.jsonl"}))
+
+
+def test_a_url_to_a_private_address_fails_the_job_before_any_weight(http_server, volume, monkeypatch):
+    import train_lora
+
+    monkeypatch.setattr(train_lora, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    http_server.files["/t.jsonl"] = JSONL
+    output = handler.handler({"id": "priv", "input": small_job(
+        dataset={"uri": http_server.url(f"/t.jsonl?token={TOKEN}")})})
+    assert output["error"].startswith(f"dataset: {http_server.url('/t.jsonl')} points at 127.0.0.1, a loopback")
+    assert TOKEN not in output["error"]
+
+
+def test_validate_action_over_https(https_server, volume, monkeypatch):
+    monkeypatch.setenv("ALLOW_PRIVATE_URLS", "true")
+    https_server.files[SIGNED] = JSONL
+    output = handler.handler({"id": "v", "input": small_job(action="validate", dataset_url=https_server.url(
+        f"{SIGNED}?token={TOKEN}"), dataset=None)})
+    assert output["status"] == "valid", output
+    assert output["dataset"]["examples"] == 6 and output["dataset"]["formats"] == {"prompt_completion": 6}
+    assert TOKEN not in json.dumps(output)
+
+
+# --------------------------------------------------------------------------------------------------
+# s3
+
+
+@pytest.fixture
+def s3_settings(s3_server, s3_bucket, volume, monkeypatch) -> WorkerSettings:
+    for key, value in s3_server.env(s3_bucket).items():
+        monkeypatch.setenv(key, value)
+    return WorkerSettings()
+
+
+def test_s3_object_is_fetched(s3_server, s3_bucket, s3_settings):
+    body = gzip.compress(JSONL)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="data/train.jsonl.gz", Body=body)
+    raw = read(f"s3://{s3_bucket}/data/train.jsonl.gz", s3_settings, eval_fraction=0.5)
+    assert (len(raw.train), len(raw.eval)) == (3, 3)
+    assert raw.report.sha256 == hashlib.sha256(body).hexdigest() and raw.report.bytes == len(body)
+    assert raw.report.source == f"s3://{s3_bucket}/data/train.jsonl.gz"
+
+
+def test_s3_missing_object_bucket_and_cap(s3_server, s3_bucket, s3_settings):
+    with pytest.raises(DatasetError, match=f"s3://{s3_bucket}/nope.jsonl does not exist"):
+        read(f"s3://{s3_bucket}/nope.jsonl", s3_settings)
+    with pytest.raises(DatasetError, match="s3://no-such-bucket-here/t.jsonl"):
+        read("s3://no-such-bucket-here/t.jsonl", s3_settings)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="big.jsonl", Body=b"{}\n" * 400)
+    small = s3_settings.model_copy(update={"max_dataset_bytes": 1000})
+    with pytest.raises(DatasetError, match="is 1200 bytes, over the 1000-byte cap"):
+        read(f"s3://{s3_bucket}/big.jsonl", small)
+    with pytest.raises(DatasetError, match="must name an object"):
+        read(f"s3://{s3_bucket}/", s3_settings)
+
+
+def test_s3_without_settings_says_which_to_set(settings):
+    with pytest.raises(DatasetError, match="set S3_BUCKET, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"):
+        read("s3://bucket/train.jsonl", settings)
