@@ -178,7 +178,7 @@ def _jsonl_rows(path: Path, name: str, gzipped: bool, cap: int, limit: int | Non
             if limit is not None and count >= limit:
                 return
             try:
-                text = line.decode("utf-8")
+                text = line.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
                 raise DatasetError(f"{name} line {number} is not UTF-8 text (byte {exc.start + 1} of the "
                                    "line); save the file as UTF-8") from None
