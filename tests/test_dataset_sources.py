@@ -245,3 +245,154 @@ def test_s3_missing_object_bucket_and_cap(s3_server, s3_bucket, s3_settings):
 def test_s3_without_settings_says_which_to_set(settings):
     with pytest.raises(DatasetError, match="set S3_BUCKET, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"):
         read("s3://bucket/train.jsonl", settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# hf:// against a local Hub (tests/hub_server_datasets.py)
+
+
+def _parquet(rows):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue()
+
+
+def _rows(tag, n):
+    return [{"prompt": f"{tag} question {i}?", "completion": f"{tag} answer {i}."} for i in range(n)]
+
+
+CARD = b"""---
+license: mit
+configs:
+- config_name: en
+  default: true
+  data_files:
+  - split: train
+    path: en/train-*
+  - split: test
+    path: en/test.jsonl
+- config_name: fr
+  data_files:
+  - split: train
+    path: fr/train.jsonl
+  - split: test
+    path: fr/test.jsonl
+---
+# A dataset
+"""
+
+
+@pytest.fixture
+def hub(volume, monkeypatch):
+    from huggingface_hub import constants
+
+    from tests.hub_server_datasets import DatasetRepo, start_hub_server
+
+    server = start_hub_server()
+    server.repos["acme/capitals"] = DatasetRepo({
+        "README.md": CARD,
+        "en/train-00000-of-00002.parquet": _parquet(_rows("en0", 3)),
+        "en/train-00001-of-00002.parquet": _parquet(_rows("en1", 2)),
+        "en/test.jsonl": JSONL,
+        "fr/train.jsonl": b"".join(json.dumps(r).encode() + b"\n" for r in _rows("fr", 4)),
+        "fr/test.jsonl": b"".join(json.dumps(r).encode() + b"\n" for r in _rows("fr-test", 2)),
+        ".gitattributes": b"*.parquet filter=lfs\n",
+    })
+    server.repos["acme/plain"] = DatasetRepo({
+        "data/train-00000-of-00002.parquet": _parquet(_rows("a", 2)),
+        "data/train-00001-of-00002.parquet": _parquet(_rows("b", 2)),
+        "data/validation-00000-of-00001.parquet": _parquet(_rows("v", 1)),
+        "extra/notes.jsonl": b'{"text": "notes"}\n',
+    })
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the suite runs offline; this Hub is local
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    yield server
+    server.stop()
+
+
+def test_hf_dataset_default_subset_and_its_shards(hub, volume):
+    settings = WorkerSettings()
+    raw = read("hf://acme/capitals", settings)
+    assert [ex.prompt for ex in raw.train] == [r["prompt"] for r in _rows("en0", 3) + _rows("en1", 2)]
+    assert raw.report.source == "hf://acme/capitals (en, train)"
+    assert raw.train[3].where == "hf://acme/capitals/en/train-00001-of-00002.parquet record 1"
+    assert sorted(hub.downloads()) == ["README.md", "en/train-00000-of-00002.parquet",
+                                       "en/train-00001-of-00002.parquet"]
+    snapshot = volume / "huggingface-cache" / "hub" / "datasets--acme--capitals" / "snapshots"
+    assert [p.name for p in snapshot.iterdir()] == [hub.repos["acme/capitals"].sha]
+
+
+def test_hf_subset_and_split_then_a_warm_cache_asks_nothing(hub, volume):
+    settings = WorkerSettings()
+    raw = read("hf://acme/capitals", settings, subset="fr", split="test")
+    assert [ex.prompt for ex in raw.train] == [r["prompt"] for r in _rows("fr-test", 2)]
+    assert "fr/train.jsonl" not in hub.downloads()
+    body = hub.repos["acme/capitals"].files["fr/test.jsonl"]
+    assert raw.report.sha256 == hashlib.sha256(body).hexdigest()
+    asked = len(hub.requests)
+    again = read("hf://acme/capitals", settings, subset="fr", split="test")
+    assert len(hub.requests) == asked, hub.requests[asked:]  # offline first: the volume's cache answers
+    assert again.report.sha256 == raw.report.sha256
+
+
+def test_hf_splits_from_file_names(hub, volume):
+    settings = WorkerSettings()
+    assert [ex.prompt for ex in read("hf://acme/plain", settings).train] == [
+        r["prompt"] for r in _rows("a", 2) + _rows("b", 2)]
+    assert [ex.prompt for ex in read("hf://acme/plain", settings, split="validation").train] == ["v question 0?"]
+    one = read("hf://acme/plain/extra/notes.jsonl", settings)
+    assert [ex.text for ex in one.train] == ["notes"]
+
+
+def test_hf_eval_split_as_eval_uri(hub, volume):
+    settings = WorkerSettings()
+    raw = read_dataset(DatasetSpec(uri="hf://acme/plain", eval_uri="hf://acme/plain/data/validation-00000-of-00001.parquet"),
+                       settings, seed=0)
+    assert (len(raw.train), len(raw.eval)) == (4, 1)
+
+
+@pytest.mark.parametrize("uri,spec,fragment", [
+    ("hf://acme/capitals", {"subset": "de"}, "hf://acme/capitals has no subset 'de'; its subsets are: en, fr"),
+    ("hf://acme/capitals", {"split": "validation"}, "subset 'en' has no split 'validation'; its splits are: train, test"),
+    ("hf://acme/plain", {"split": "test"}, "hf://acme/plain has no split 'test'; splits found: train, validation"),
+    ("hf://acme/nothing", {}, "hf://acme/nothing: no such dataset on the Hub (or it is private: set HF_TOKEN)"),
+    ("hf://acme/capitals@v9", {}, "revision 'v9' does not exist"),
+    ("hf://acme/plain/missing.jsonl", {}, "no data file at 'missing.jsonl'"),
+    ("hf://acme", {}, "must name a dataset repo: hf://org/name"),
+])
+def test_hf_errors_name_what_exists(hub, volume, uri, spec, fragment):
+    with pytest.raises(DatasetError) as info:
+        read(uri, WorkerSettings(), **spec)
+    assert fragment in str(info.value)
+
+
+def test_hf_gated_needs_the_token(hub, volume, monkeypatch):
+    from tests.hub_server_datasets import DatasetRepo
+
+    hub.repos["acme/gated"] = DatasetRepo({"train.jsonl": JSONL}, gated=True)
+    hub.token = "hf_testtokentesttokentesttoken01"
+    with pytest.raises(DatasetError, match="hf://acme/gated is gated: accept its terms"):
+        read("hf://acme/gated", WorkerSettings())
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    assert len(read("hf://acme/gated", WorkerSettings()).train) == 6
+
+
+def test_hf_cap_is_checked_before_downloading(hub, volume):
+    settings = WorkerSettings(max_dataset_bytes=1500)
+    with pytest.raises(DatasetError, match=r"hf://acme/capitals \(en / train, 2 files\) is \d+ bytes, over the 1500-byte cap"):
+        read("hf://acme/capitals", settings)
+    assert not any(p.endswith(".parquet") for p in hub.downloads())
+
+
+def test_hf_offline_with_a_cold_cache_says_so(hub, volume, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DatasetError, match="is not in the Hugging Face cache on the volume .* HF_HUB_OFFLINE is set"):
+        read("hf://acme/plain", WorkerSettings())
+    assert hub.requests == []
