@@ -72,8 +72,11 @@ def _split_of(path: str, split: str) -> bool:
 
 
 def select_files(files: list[str], card: dict, *, subset: str | None, split: str | None, path: str | None,
-                 shown: str) -> tuple[list[str], str | None, str]:
-    """(data files in order, the subset used, the split used) from the repo's file list and card."""
+                 shown: str, prefer: tuple[str, ...] = ("train",)) -> tuple[list[str], str | None, str]:
+    """(data files in order, the subset used, the split used) from the repo's file list and card.
+
+    Without a named split the first of ``prefer`` that exists is used (an eval set prefers
+    validation, then test)."""
     data = sorted(f for f in files if _is_data_file(f))
     if path is not None:
         chosen = [f for f in data if f == path or f.startswith(path.rstrip("/") + "/")]
@@ -96,7 +99,7 @@ def select_files(files: list[str], card: dict, *, subset: str | None, split: str
             config = config or configs[0]
         subset = str(config.get("config_name", "default"))
         by_split = _data_files_by_split(config.get("data_files"))
-        split = split or ("train" if "train" in by_split or not by_split else next(iter(by_split)))
+        split = split or _preferred(by_split, prefer, shown)
         if split not in by_split:
             raise DatasetError(f"{shown} subset {subset!r} has no split {split!r}; its splits are: "
                                f"{', '.join(by_split) or 'none'}")
@@ -119,12 +122,22 @@ def select_files(files: list[str], card: dict, *, subset: str | None, split: str
     found = {name: chosen for name, chosen in found.items() if chosen}
     if not found:
         found = {"train": data}  # no split in any name: everything is train
-    split = split or ("train" if "train" in found else next(iter(found), "train"))
+    split = split or _preferred(found, prefer, shown)
     if not found.get(split):
         raise DatasetError(f"{shown} has no split {split!r}; splits found: {', '.join(found) or 'none'}")
     if not found[split]:
         raise DatasetError(f"{shown} holds no data files (.jsonl, .json, .csv, .parquet)")
     return found[split], subset, split
+
+
+def _preferred(splits: dict[str, list[str]], prefer: tuple[str, ...], shown: str) -> str:
+    for name in prefer:
+        if name in splits:
+            return name
+    if prefer == ("train",) and splits:
+        return next(iter(splits))
+    raise DatasetError(f"{shown} has no {' or '.join(prefer)} split (it has: {', '.join(splits) or 'none'}); "
+                       "name the split in the uri's path or use eval_fraction")
 
 
 def _data_files_by_split(data_files) -> dict[str, list[str]]:
@@ -146,7 +159,8 @@ def _some(files: list[str]) -> str:
     return ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "") if files else "none"
 
 
-def fetch_hub_dataset(uri: str, settings: WorkerSettings, *, subset: str | None, split: str | None):
+def fetch_hub_dataset(uri: str, settings: WorkerSettings, *, subset: str | None, split: str | None,
+                      for_eval: bool = False):
     from dataset_sources import Fetched, _sha256_of, _over_cap
 
     started = time.monotonic()
@@ -155,7 +169,8 @@ def fetch_hub_dataset(uri: str, settings: WorkerSettings, *, subset: str | None,
     hub = _Hub(repo_id, revision, settings, shown)
     folder, listing, source = hub.listing()
     card = _card(folder / "README.md") if "README.md" in listing else {}
-    files, subset, split = select_files(list(listing), card, subset=subset, split=split, path=path, shown=shown)
+    files, subset, split = select_files(list(listing), card, subset=subset, split=split, path=path, shown=shown,
+                                        prefer=("validation", "test") if for_eval else ("train",))
     size = sum(listing[f] or 0 for f in files)
     if size > settings.max_dataset_bytes:
         raise _over_cap(f"{shown} ({subset + ' / ' if subset else ''}{split}, {len(files)} files)", size,

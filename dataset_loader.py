@@ -153,7 +153,10 @@ def _read_part(uri: str | None, records: list[dict] | None, spec: DatasetSpec, s
     from dataset_files import read_files
     from dataset_sources import fetch
 
-    with fetch(uri or "", settings, subset=spec.subset, split=spec.split, what=what) as fetched:
+    # An hf:// eval set is the same subset's validation (else test) split, never the training split.
+    for_eval = what == "dataset.eval_uri"
+    with fetch(uri or "", settings, subset=spec.subset, split=None if for_eval else spec.split, what=what,
+               for_eval=for_eval) as fetched:
         parsed = read_files(fetched.paths, fetched.names, cap=settings.max_dataset_bytes, limit=limit)
     examples = _normalize_all(parsed.rows, parsed.where, spec.format, fetched.source)
     formats = sorted(set(parsed.file_formats))

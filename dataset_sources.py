@@ -69,7 +69,7 @@ def display_url(url: str) -> str:
 
 @contextmanager
 def fetch(uri: str, settings: WorkerSettings, *, subset: str | None = None, split: str | None = None,
-          what: str = "dataset.uri") -> Iterator[Fetched]:
+          what: str = "dataset.uri", for_eval: bool = False) -> Iterator[Fetched]:
     """Yield the dataset's files on local disk; temporary copies are removed afterwards."""
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme in ("http", "https", "s3"):
@@ -86,7 +86,7 @@ def fetch(uri: str, settings: WorkerSettings, *, subset: str | None = None, spli
     if scheme == "hf":
         from dataset_hub import fetch_hub_dataset
 
-        yield fetch_hub_dataset(uri, settings, subset=subset, split=split)
+        yield fetch_hub_dataset(uri, settings, subset=subset, split=split, for_eval=for_eval)
         return
     if scheme:
         raise InputError(f"{what}: scheme '{scheme}://' is not supported; use https://, http://, s3://, "

@@ -21,6 +21,7 @@ from dataset_sources import check_address, display_url
 from errors import DatasetError, InputError
 from tests.conftest import small_job
 from tests.http_server import start_file_server
+from tests.hub_server_datasets import DatasetRepo, start_hub_server
 
 ROWS = [{"prompt": f"Capital {i}?", "completion": f"City {i}."} for i in range(6)]
 JSONL = "\n".join(json.dumps(r) for r in ROWS).encode() + b"\n"
@@ -291,8 +292,6 @@ configs:
 def hub(volume, monkeypatch):
     from huggingface_hub import constants
 
-    from tests.hub_server_datasets import DatasetRepo, start_hub_server
-
     server = start_hub_server()
     server.repos["acme/capitals"] = DatasetRepo({
         "README.md": CARD,
@@ -349,11 +348,17 @@ def test_hf_splits_from_file_names(hub, volume):
     assert [ex.text for ex in one.train] == ["notes"]
 
 
-def test_hf_eval_split_as_eval_uri(hub, volume):
+def test_hf_eval_uri_takes_the_validation_or_test_split(hub, volume):
     settings = WorkerSettings()
-    raw = read_dataset(DatasetSpec(uri="hf://acme/plain", eval_uri="hf://acme/plain/data/validation-00000-of-00001.parquet"),
+    raw = read_dataset(DatasetSpec(uri="hf://acme/plain", eval_uri="hf://acme/plain"), settings, seed=0)
+    assert (len(raw.train), [ex.prompt for ex in raw.eval]) == (4, ["v question 0?"])
+    raw = read_dataset(DatasetSpec(uri="hf://acme/capitals", subset="fr", eval_uri="hf://acme/capitals"),
                        settings, seed=0)
-    assert (len(raw.train), len(raw.eval)) == (4, 1)
+    assert [ex.prompt for ex in raw.eval] == [r["prompt"] for r in _rows("fr-test", 2)]
+    assert raw.report.eval_source == "hf://acme/capitals (fr, test)"
+    hub.repos["acme/trainonly"] = DatasetRepo({"train.jsonl": JSONL})
+    with pytest.raises(DatasetError, match="hf://acme/trainonly has no validation or test split"):
+        read_dataset(DatasetSpec(uri="hf://acme/trainonly", eval_uri="hf://acme/trainonly"), settings, seed=0)
 
 
 @pytest.mark.parametrize("uri,spec,fragment", [
@@ -372,8 +377,6 @@ def test_hf_errors_name_what_exists(hub, volume, uri, spec, fragment):
 
 
 def test_hf_gated_needs_the_token(hub, volume, monkeypatch):
-    from tests.hub_server_datasets import DatasetRepo
-
     hub.repos["acme/gated"] = DatasetRepo({"train.jsonl": JSONL}, gated=True)
     hub.token = "hf_testtokentesttokentesttoken01"
     with pytest.raises(DatasetError, match="hf://acme/gated is gated: accept its terms"):
@@ -396,3 +399,73 @@ def test_hf_offline_with_a_cold_cache_says_so(hub, volume, monkeypatch):
     with pytest.raises(DatasetError, match="is not in the Hugging Face cache on the volume .* HF_HUB_OFFLINE is set"):
         read("hf://acme/plain", WorkerSettings())
     assert hub.requests == []
+
+
+# --------------------------------------------------------------------------------------------------
+# bad data through the handler: a `dataset:` error, no weights loaded
+
+
+BAD_DATA = [
+    ("empty file", b"", {}, "dataset: datasets/bad.jsonl is empty (0 bytes)"),
+    ("invalid JSON", b'{"text": "a"}\n{"text": "b"}\n{"text": "c",}\n', {},
+     "dataset: datasets/bad.jsonl line 3 is not valid JSON (Expecting property name enclosed in double quotes"),
+    ("missing columns", b'{"question": "q", "answer": "a"}\n', {},
+     "dataset: 1 of 1 records in datasets/bad.jsonl are not usable — line 1: no known format; found columns "
+     "['answer', 'question'], expected one of: chat (messages); sharegpt (conversations); prompt_completion "
+     "(prompt + completion); alpaca (instruction + output (input optional)); text (text)"),
+    ("wrong role", b'{"messages": [{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}]}\n',
+     {}, "dataset: 1 of 1 records in datasets/bad.jsonl are not usable — line 1: turn 1 has role 'human'; roles "
+         "are system, user, assistant"),
+    ("empty completion", b'{"prompt": "q", "completion": ""}\n', {},
+     "dataset: 1 of 1 records in datasets/bad.jsonl are not usable — line 1: has an empty completion"),
+    ("over the cap", JSONL, {"MAX_DATASET_BYTES": "100"},
+     f"dataset: dataset datasets/bad.jsonl is {len(JSONL)} bytes, over the 100-byte cap (MAX_DATASET_BYTES)"),
+]
+
+
+@pytest.mark.parametrize("name,body,env,expected", BAD_DATA, ids=[c[0] for c in BAD_DATA])
+def test_bad_data_is_a_dataset_error_before_any_weight(volume, monkeypatch, name, body, env, expected):
+    import train_lora
+    from storage.records import SqliteRecords
+
+    monkeypatch.setattr(train_lora, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    (volume / "datasets" / "bad.jsonl").write_bytes(body)
+    output = handler.handler({"id": "bad", "input": small_job(dataset={"uri": "datasets/bad.jsonl"})})
+    assert output == {"error": output["error"]} and output["error"].startswith(expected), output
+    row = SqliteRecords(volume / "records.sqlite3").get_job("bad")
+    assert (row["status"], row["stage"]) == ("failed", "dataset")
+
+
+def test_url_errors_through_the_handler(http_server, volume, monkeypatch):
+    import train_lora
+
+    monkeypatch.setattr(train_lora, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    url = http_server.url(f"/gone.jsonl?token={TOKEN}")
+    output = handler.handler({"id": "u1", "input": small_job(dataset={"uri": url}, action="validate")})
+    assert output["error"] == (f"dataset: {http_server.url('/gone.jsonl')} points at 127.0.0.1, a loopback "
+                               "address; set ALLOW_PRIVATE_URLS=true on the endpoint to allow it. Datasets are "
+                               "fetched from public addresses only")
+    monkeypatch.setenv("ALLOW_PRIVATE_URLS", "1")
+    handler.get_settings.cache_clear()
+    output = handler.handler({"id": "u2", "input": small_job(dataset={"uri": url}, action="validate")})
+    assert output["error"].startswith(f"dataset: {http_server.url('/gone.jsonl')} answered 404 Not Found")
+    assert TOKEN not in output["error"]
+
+
+def test_cli_validate_prints_the_report(volume, tmp_path, capsys, monkeypatch):
+    import cli
+    import train_lora
+
+    monkeypatch.setattr(train_lora, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    (volume / "datasets" / "train.csv").write_bytes(b"prompt,completion\nQ1?,A1.\nQ2?,A2.\nQ3?,A3.\nQ4?,A4.\n")
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"input": small_job(dataset={"uri": "datasets/train.csv", "eval_fraction": 0.25})}))
+    assert cli.main(["validate", "--input", str(job)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = printed["dataset"]
+    assert printed["status"] == "valid"
+    assert (report["records"], report["examples"], report["eval_examples"]) == (4, 3, 1)
+    assert report["file_format"] == "csv" and report["formats"] == {"prompt_completion": 4}
+    assert report["sha256"] == hashlib.sha256((volume / "datasets" / "train.csv").read_bytes()).hexdigest()
