@@ -45,7 +45,6 @@ class Records:
     file_of: list[int] = field(default_factory=list)  # index into files, per row (multi-file only)
     files: list[str] = field(default_factory=list)
     file_formats: list[str] = field(default_factory=list)
-    truncated_at_limit: bool = False
 
     def where(self, index: int) -> str:
         file_index = self.file_of[index] if self.file_of else 0
@@ -119,7 +118,6 @@ def read_files(paths: list[Path], names: list[str], *, cap: int, limit: int | No
     out = Records()
     for index, (path, name) in enumerate(zip(paths, names)):
         if limit is not None and len(out.rows) >= limit:
-            out.truncated_at_limit = True
             break
         fmt, gzipped = file_format(path, name)
         out.files.append(name)

@@ -16,6 +16,7 @@ the first few are (``line 7``, ``record 12``), grouped by problem, so a user fix
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -142,8 +143,6 @@ def _read_part(uri: str | None, records: list[dict] | None, spec: DatasetSpec, s
             raise InputError(f"{what}: {len(records)} inline records is over the {settings.max_inline_records} "
                              "cap (MAX_INLINE_RECORDS); upload a file and send its uri instead")
         raw = json.dumps(records, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        import hashlib
-
         rows = records[:limit] if limit is not None else records
         wheres = [f"record {i + 1}" for i in range(len(rows))]
         examples = _normalize_all(rows, wheres.__getitem__, spec.format, "the inline records")
@@ -209,8 +208,8 @@ def detect_format(record: Any) -> str | None:
     return None
 
 
-def _problem(where: str, message: str) -> DatasetError:
-    # The message alone groups records with the same problem; ``where`` is added by the caller.
+def _problem(message: str) -> DatasetError:
+    # The message alone, so records with the same problem group; _normalize_all adds where they are.
     return DatasetError(message)
 
 
@@ -231,69 +230,64 @@ def normalize(record: Any, where: str | int, fmt: str) -> Example:
     kind = detect_format(record) if fmt == "auto" else fmt
     found = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
     if kind is None:
-        raise _problem(
-            where,
-            f"no known format; found columns {found}, expected one of: "
-            + "; ".join(f"{k} ({v})" for k, v in FORMAT_KEYS.items()),
-        )
+        raise _problem(f"no known format; found columns {found}, expected one of: "
+                       + "; ".join(f"{k} ({v})" for k, v in FORMAT_KEYS.items()))
     key = FORMAT_KEYS[kind]
     if not isinstance(record, dict) or any(k not in record for k in REQUIRED_COLUMNS[kind]):
-        raise _problem(where, f"format '{kind}' needs {key}; found columns {found}")
+        raise _problem(f"format '{kind}' needs {key}; found columns {found}")
 
     if kind in ("chat", "sharegpt"):
         column = "messages" if kind == "chat" else "conversations"
         turns = record[column]
         if not isinstance(turns, list) or not turns:
-            raise _problem(where, f"'{column}' must be a non-empty list of turns")
+            raise _problem(f"'{column}' must be a non-empty list of turns")
         messages = []
         for t, turn in enumerate(turns):
             if not isinstance(turn, dict):
-                raise _problem(where, f"turn {t + 1} must be an object")
+                raise _problem(f"turn {t + 1} must be an object")
             if kind == "chat":
                 role, content = turn.get("role"), _content(turn.get("content"))
                 role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
                 if role not in ROLES:
-                    raise _problem(where, f"turn {t + 1} has role {turn.get('role')!r}; roles are "
-                                          f"{', '.join(ROLES)}")
+                    raise _problem(f"turn {t + 1} has role {turn.get('role')!r}; roles are {', '.join(ROLES)}")
             else:
                 who, content = turn.get("from"), _content(turn.get("value"))
                 role = SHAREGPT_ROLES.get(str(who).lower())
                 if role is None:
-                    raise _problem(
-                        where, f"turn {t + 1} has from={who!r}; use one of {', '.join(sorted(SHAREGPT_ROLES))}"
-                    )
+                    raise _problem(f"turn {t + 1} has from={who!r}; use one of "
+                                   f"{', '.join(sorted(SHAREGPT_ROLES))}")
             if content is None:
-                raise _problem(where, f"turn {t + 1} ({role}) content must be a string")
+                raise _problem(f"turn {t + 1} ({role}) content must be a string")
             weight = turn.get("weight")
             weight = 1 if weight is None else weight  # Parquet fills an absent weight with null
             if weight not in (0, 1) or isinstance(weight, bool):
-                raise _problem(where, f"turn {t + 1} weight must be 0 or 1; got {weight!r}")
+                raise _problem(f"turn {t + 1} weight must be 0 or 1; got {weight!r}")
             messages.append((role, content, role == "assistant" and weight == 1))
         if not any(role == "assistant" and content.strip() for role, content, _ in messages):
-            raise _problem(where, "has no non-empty assistant turn to learn from")
+            raise _problem("has no non-empty assistant turn to learn from")
         return Example(kind, messages=tuple(messages), where=where)
 
     if kind == "text":
         text = record["text"]
         if not isinstance(text, str) or not text.strip():
-            raise _problem(where, "'text' must be a non-empty string")
+            raise _problem("'text' must be a non-empty string")
         return Example(kind, text=text, where=where)
 
     if kind == "alpaca":
         instruction, extra, completion = record["instruction"], record.get("input"), record["output"]
         if not isinstance(instruction, str) or not instruction.strip():
-            raise _problem(where, "'instruction' must be a non-empty string")
+            raise _problem("'instruction' must be a non-empty string")
         if extra is not None and not isinstance(extra, str):
-            raise _problem(where, "'input' must be a string (or absent)")
+            raise _problem("'input' must be a string (or absent)")
         prompt = instruction + ("\n\n" + extra if extra and extra.strip() else "")
         if not isinstance(completion, str):
-            raise _problem(where, "'output' must be a string")
+            raise _problem("'output' must be a string")
     else:
         prompt, completion = record["prompt"], record["completion"]
         if not isinstance(prompt, str) or not isinstance(completion, str):
-            raise _problem(where, "prompt and completion must be strings")
+            raise _problem("prompt and completion must be strings")
     if not completion.strip():
-        raise _problem(where, f"has an empty {'output' if kind == 'alpaca' else 'completion'}")
+        raise _problem(f"has an empty {'output' if kind == 'alpaca' else 'completion'}")
     return Example(kind, prompt=prompt, completion=completion, where=where)
 
 
@@ -370,7 +364,7 @@ def tokenize_examples(examples: list[Example], tokenizer, *, max_seq_length: int
         rendered = [_example_text(ex, tokenizer, template, train_on_inputs) for ex in batch]
         encoded = tokenizer([text for text, _, _ in rendered], add_special_tokens=False,
                             return_offsets_mapping=True)
-        for ex, (text, spans, add_eos), ids, offsets in zip(batch, rendered, encoded["input_ids"],
+        for ex, (_text, spans, add_eos), ids, offsets in zip(batch, rendered, encoded["input_ids"],
                                                             encoded["offset_mapping"]):
             if not spans:
                 report.drop("every assistant turn has weight 0", ex.where)
