@@ -21,6 +21,9 @@ import json
 import logging
 import random
 import time
+import uuid
+from array import array
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,40 +354,82 @@ def _example_text(ex: Example, tokenizer, template: str | None, train_on_inputs:
     return text, [(start, len(text))], True
 
 
+class TokenColumns:
+    """input_ids and labels of many examples, packed flat (8 bytes a token, not a Python int each)."""
+
+    def __init__(self) -> None:
+        self.ids, self.labels, self.offsets = array("q"), array("q"), array("i", [0])
+
+    def add(self, ids: list[int], labels: list[int]) -> None:
+        self.ids.extend(ids)
+        self.labels.extend(labels)
+        self.offsets.append(len(self.ids))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def to_dataset(self):
+        """A datasets.Dataset with list<int64> columns input_ids and labels, built without copies."""
+        import numpy as np
+        import pyarrow as pa
+        from datasets import Dataset
+        from datasets.table import InMemoryTable
+
+        offsets = pa.array(np.frombuffer(self.offsets, dtype=np.int32))
+        table = pa.table({
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(np.frombuffer(self.ids, dtype=np.int64))),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(np.frombuffer(self.labels, dtype=np.int64))),
+        })
+        # A fingerprint of our own: datasets would otherwise pickle the whole table to hash it, a
+        # transient copy as large as the data.
+        return Dataset(InMemoryTable(table), fingerprint=uuid.uuid4().hex)
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's label: itself where its characters overlap a trained span, else IGNORE_INDEX.
+
+    Offsets of a fast tokenizer never go backwards, so the tokens overlapping a span [a, b) are one
+    run: from the first token ending after a to the last starting before b (two bisections).
+    """
+    labels = [IGNORE_INDEX] * len(ids)
+    starts = [s for s, _ in offsets]
+    ends = [e for _, e in offsets]
+    for span_start, span_end in spans:
+        first, last = bisect_right(ends, span_start), bisect_left(starts, span_end)
+        labels[first:last] = ids[first:last]
+    return labels
+
+
 def tokenize_examples(examples: list[Example], tokenizer, *, max_seq_length: int,
                       train_on_inputs: bool, report: DatasetReport,
-                      lengths: list[int] | None = None) -> dict[str, list[list[int]]]:
+                      lengths: list[int] | None = None) -> TokenColumns:
     """input_ids and labels per example; truncation and drops are counted in ``report``."""
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not template else []
     eos = tokenizer.eos_token_id
-    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+    out = TokenColumns()
     for first in range(0, len(examples), TOKENIZE_BATCH):  # bounded memory for rendered text
         batch = examples[first: first + TOKENIZE_BATCH]
         rendered = [_example_text(ex, tokenizer, template, train_on_inputs) for ex in batch]
         encoded = tokenizer([text for text, _, _ in rendered], add_special_tokens=False,
                             return_offsets_mapping=True)
         for ex, (_text, spans, add_eos), ids, offsets in zip(batch, rendered, encoded["input_ids"],
-                                                            encoded["offset_mapping"]):
+                                                             encoded["offset_mapping"]):
             if not spans:
                 report.drop("every assistant turn has weight 0", ex.where)
                 continue
-            labels = [
-                tok if any(s < span_end and e > span_start for span_start, span_end in spans) else IGNORE_INDEX
-                for tok, (s, e) in zip(ids, offsets)
-            ]
+            labels = _labels(ids, offsets, spans)
             ids, labels = bos + list(ids), [IGNORE_INDEX] * len(bos) + labels
             if add_eos and eos is not None:
                 ids, labels = ids + [eos], labels + [eos]
             if len(ids) > max_seq_length:
                 report.truncated += 1
                 ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-            trained = sum(1 for label in labels if label != IGNORE_INDEX)
+            trained = len(labels) - labels.count(IGNORE_INDEX)
             if trained == 0:
                 report.drop("no completion tokens within max_seq_length", ex.where)
                 continue
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
+            out.add(ids, labels)
             report.tokens += len(ids)
             report.trained_tokens += trained
             report.longest = max(report.longest, len(ids))
@@ -465,8 +510,6 @@ def read_dataset(spec: DatasetSpec, settings: WorkerSettings, *, seed: int) -> R
 def tokenize_dataset(raw: RawDataset, tokenizer, *, max_seq_length: int, train_on_inputs: bool
                      ) -> PreparedDataset:
     """Tokenize and mask with the base model's tokenizer; report what was kept, cut and dropped."""
-    from datasets import Dataset
-
     started = time.monotonic()
     report = raw.report or DatasetReport(source=raw.source, format=raw.format, sha256=raw.sha256,
                                          formats=dict(Counter(ex.kind for ex in raw.train + raw.eval)))
@@ -474,7 +517,7 @@ def tokenize_dataset(raw: RawDataset, tokenizer, *, max_seq_length: int, train_o
     lengths: list[int] = []
     train = tokenize_examples(raw.train, tokenizer, max_seq_length=max_seq_length,
                               train_on_inputs=train_on_inputs, report=report, lengths=lengths)
-    report.examples = len(train["input_ids"])
+    report.examples = len(train)
     report.token_stats = _token_stats(lengths)
     del lengths
     if not report.examples:
@@ -489,9 +532,9 @@ def tokenize_dataset(raw: RawDataset, tokenizer, *, max_seq_length: int, train_o
         eval_report = DatasetReport(source=raw.source, format=raw.format)
         evaluated = tokenize_examples(raw.eval, tokenizer, max_seq_length=max_seq_length,
                                       train_on_inputs=train_on_inputs, report=eval_report)
-        report.eval_examples = len(evaluated["input_ids"])
+        report.eval_examples = len(evaluated)
         report.eval_tokens = eval_report.tokens
-        eval_ds = Dataset.from_dict(evaluated) if report.eval_examples else None
+        eval_ds = evaluated.to_dataset() if report.eval_examples else None
         if not report.eval_examples:
             report.warnings.append("every eval example was dropped; training runs without evaluation")
     if report.truncated:
@@ -511,4 +554,4 @@ def tokenize_dataset(raw: RawDataset, tokenizer, *, max_seq_length: int, train_o
         report.source, report.examples, report.eval_examples, report.tokens, report.trained_tokens,
         report.truncated, sum(report.dropped.values()), report.formats, report.sha256[:12], report.seconds,
     )
-    return PreparedDataset(train=Dataset.from_dict(train), eval=eval_ds, report=report)
+    return PreparedDataset(train=train.to_dataset(), eval=eval_ds, report=report)

@@ -466,3 +466,25 @@ def test_inline_records_over_the_setting_cap(volume):
 def test_subset_and_split_need_an_hf_uri():
     with pytest.raises(ValueError, match="'subset' and 'split' apply to hf:// datasets only"):
         DatasetSpec(uri="datasets/x.jsonl", split="train")
+
+
+def test_labels_by_bisection_match_the_overlap_rule(tokenizer, settings):
+    # Multi-byte characters split into several byte tokens with shared offsets: the fast path must
+    # still label exactly the tokens whose characters overlap a trained span.
+    from dataset_loader import _labels
+
+    texts = ["Café au lait? Oui.", "東京は日本の首都です。🙂🙂", "  spaces   and\ttabs\n\nnew lines  ", "a", "ééé🙂x"]
+    for text in texts:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        for spans in ([(0, len(text))], [(1, 3)], [(2, len(text) - 1)], [(0, 1), (len(text) - 2, len(text))]):
+            expected = [t if any(s < b and e > a for a, b in spans) else IGNORE_INDEX
+                        for t, (s, e) in zip(ids, offsets)]
+            assert _labels(ids, offsets, spans) == expected, (text, spans)
+
+
+def test_prepared_columns_are_int64_lists(tokenizer, settings):
+    prepared = prepare([{"prompt": "Q?", "completion": "A."}] * 3, tokenizer, settings)
+    assert str(prepared.train.features["input_ids"].feature.dtype) == "int64"
+    assert str(prepared.train.features["labels"].feature.dtype) == "int64"
+    assert len(prepared.train) == 3 and prepared.train[2]["input_ids"] == prepared.train[0]["input_ids"]
