@@ -28,9 +28,18 @@ GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
 EXTENSIONS = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-    ".parquet": "parquet", ".txt": "text",
+    ".parquet": "parquet",
 }
 DATA_SUFFIXES = tuple(EXTENSIONS) + tuple(ext + ".gz" for ext in EXTENSIONS if ext != ".parquet")
+# JSON files that describe a dataset rather than hold it (Hub repos, save_to_disk folders).
+METADATA_NAMES = ("dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def is_data_file(path: str) -> bool:
+    """Whether a file in a folder or repo is data: a known extension, not metadata, not hidden."""
+    parts = path.split("/")
+    return (path.lower().endswith(DATA_SUFFIXES) and parts[-1].lower() not in METADATA_NAMES
+            and not any(p.startswith(".") for p in parts))
 # CSV columns that hold a conversation as JSON text (how spreadsheets and pandas export them).
 JSON_COLUMNS = ("messages", "conversations")
 
@@ -88,7 +97,7 @@ def file_format(path: Path, name: str) -> tuple[str, bool]:
     if fmt == "parquet":
         raise DatasetError(f"{name} is named .parquet but is not a Parquet file (no PAR1 header); "
                            "export it again or give it its real extension")
-    if fmt is None or fmt == "text":
+    if fmt is None:
         fmt = _sniff(path, gzipped, name)
     return fmt, gzipped
 

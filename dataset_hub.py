@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from config.settings import WorkerSettings
-from dataset_files import DATA_SUFFIXES
+from dataset_files import is_data_file
 from errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,6 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None, str | None]:
     return repo_id, revision, path
 
 
-def _is_data_file(path: str) -> bool:
-    return path.lower().endswith(DATA_SUFFIXES) and not any(p.startswith(".") for p in path.split("/"))
-
-
 def _split_of(path: str, split: str) -> bool:
     keywords = SPLIT_KEYWORDS.get(split, (split,))
     for component in path.lower().split("/"):
@@ -77,7 +73,7 @@ def select_files(files: list[str], card: dict, *, subset: str | None, split: str
 
     Without a named split the first of ``prefer`` that exists is used (an eval set prefers
     validation, then test)."""
-    data = sorted(f for f in files if _is_data_file(f))
+    data = sorted(f for f in files if is_data_file(f))
     if path is not None:
         chosen = [f for f in data if f == path or f.startswith(path.rstrip("/") + "/")]
         if not chosen:
@@ -115,7 +111,7 @@ def select_files(files: list[str], card: dict, *, subset: str | None, split: str
         data = [f for f in data if f.split("/", 1)[0] == subset]
         if not data:
             raise DatasetError(f"{shown} has no subset {subset!r} (no card configs and no folder of that "
-                               f"name); its data files: {_some(sorted(f for f in files if _is_data_file(f)))}")
+                               f"name); its data files: {_some(sorted(f for f in files if is_data_file(f)))}")
     found = {name: [f for f in data if _split_of(f, name)] for name in SPLIT_KEYWORDS}
     if split is not None and split not in SPLIT_KEYWORDS:
         found[split] = [f for f in data if _split_of(f, split)]

@@ -230,13 +230,17 @@ def normalize(record: Any, where: str | int, fmt: str) -> Example:
     """One raw record → Example, or DatasetError saying what is wrong with it."""
     if isinstance(where, int):
         where = f"record {where + 1}"
+    if not isinstance(record, dict):
+        kind_of = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+        raise _problem(f"is a JSON {kind_of.get(type(record), 'null')}, not an object; each record must be an "
+                       "object such as {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...}")
     kind = detect_format(record) if fmt == "auto" else fmt
-    found = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+    found = sorted(record)
     if kind is None:
         raise _problem(f"no known format; found columns {found}, expected one of: "
                        + "; ".join(f"{k} ({v})" for k, v in FORMAT_KEYS.items()))
     key = FORMAT_KEYS[kind]
-    if not isinstance(record, dict) or any(k not in record for k in REQUIRED_COLUMNS[kind]):
+    if any(k not in record for k in REQUIRED_COLUMNS[kind]):
         raise _problem(f"format '{kind}' needs {key}; found columns {found}")
 
     if kind in ("chat", "sharegpt"):

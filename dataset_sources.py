@@ -127,7 +127,7 @@ def _over_cap(name: str, size: int | str, cap: int) -> DatasetError:
 
 
 def _fetch_volume(uri: str, settings: WorkerSettings, what: str) -> Fetched:
-    from dataset_files import DATA_SUFFIXES
+    from dataset_files import is_data_file
 
     path = Path(uri) if uri.startswith("/") else settings.volume_root / uri
     try:
@@ -136,8 +136,7 @@ def _fetch_volume(uri: str, settings: WorkerSettings, what: str) -> Fetched:
         raise InputError(f"{what}: {exc}") from None
     if path.is_dir():
         # A folder of shards (e.g. train-00000-of-00002.parquet): every data file in it, in order.
-        paths = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(DATA_SUFFIXES)
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        paths = sorted(p for p in path.rglob("*") if p.is_file() and is_data_file(p.relative_to(path).as_posix()))
         if not paths:
             raise DatasetError(f"dataset folder {uri} holds no data files (.jsonl, .json, .csv, .parquet, "
                                "optionally .gz); put the files there or name one file")

@@ -488,3 +488,23 @@ def test_prepared_columns_are_int64_lists(tokenizer, settings):
     assert str(prepared.train.features["input_ids"].feature.dtype) == "int64"
     assert str(prepared.train.features["labels"].feature.dtype) == "int64"
     assert len(prepared.train) == 3 and prepared.train[2]["input_ids"] == prepared.train[0]["input_ids"]
+
+
+def test_records_that_are_not_objects(settings):
+    (settings.volume_root / "datasets" / "list.json").write_text('[{"text": "ok"}, "just a string", [1, 2], null]')
+    with pytest.raises(DatasetError) as info:
+        read_dataset(DatasetSpec(uri="datasets/list.json"), settings, seed=0)
+    message = str(info.value)
+    assert message.startswith("3 of 4 records in datasets/list.json are not usable — record 2: is a JSON string, "
+                              "not an object;")
+    assert "record 3: is a JSON array, not an object" in message and "record 4: is a JSON null" in message
+
+
+def test_folder_skips_metadata_and_hidden_files(settings):
+    folder = settings.volume_root / "datasets" / "saved"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text('{"features": {}}')
+    (folder / "LICENSE.txt").write_text("MIT")
+    (folder / "part.jsonl").write_bytes(_jsonl(ROWS[:2]))
+    raw = read_dataset(DatasetSpec(uri="datasets/saved"), settings, seed=0)
+    assert len(raw.train) == 2 and raw.report.file_format == "jsonl"
