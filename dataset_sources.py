@@ -232,7 +232,7 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 def _open(url: str, settings: WorkerSettings, deadline: float):
-    """Follow up to MAX_REDIRECTS redirects, checking each URL; return (response, final URL)."""
+    """Follow up to MAX_REDIRECTS redirects, checking each URL; return (response, its pool, final URL)."""
     import urllib3
 
     context = _ssl_context()
@@ -240,12 +240,13 @@ def _open(url: str, settings: WorkerSettings, deadline: float):
         scheme, host, port, host_header, target = _check_url(url, settings)
         shown = display_url(url)
         addresses = resolve_host(host, port, settings, shown)
-        response, error = None, None
+        response, pool, error = None, None, None
         for address in addresses:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             timeout = urllib3.Timeout(connect=min(30.0, remaining), read=min(120.0, remaining))
+            # The connection goes to the address just checked; the name is only Host and TLS SNI.
             if scheme == "https":
                 pool = urllib3.HTTPSConnectionPool(address, port, timeout=timeout, retries=False, maxsize=1,
                                                    ssl_context=context, server_hostname=host,
@@ -259,22 +260,25 @@ def _open(url: str, settings: WorkerSettings, deadline: float):
                     assert_same_host=False)
                 break
             except urllib3.exceptions.SSLError as exc:
+                pool.close()
                 raise DatasetError(f"{shown}: TLS verification failed ({_reason(exc)}); the server's "
                                    "certificate is not trusted") from None
             except urllib3.exceptions.HTTPError as exc:
+                pool.close()
                 error = exc  # try the host's next address
-        if response is None:
+        if response is None or pool is None:
             why = _reason(error) if error is not None else "the download deadline passed"
             raise DatasetError(f"could not connect to {shown} ({why}); check the URL or try again",
                                retryable=True)
         if response.status in (301, 302, 303, 307, 308):
             location = response.headers.get("Location")
             response.release_conn()
+            pool.close()
             if not location:
                 raise DatasetError(f"{shown} answered {response.status} without a Location; check the URL")
             url = urljoin(url, location)
             continue
-        return response, url
+        return response, pool, url
     raise DatasetError(f"{display_url(url)}: more than {MAX_REDIRECTS} redirects; use the final URL")
 
 
@@ -303,7 +307,7 @@ def _fetch_url(url: str, target: Path, settings: WorkerSettings) -> Fetched:
     started = time.monotonic()
     deadline = started + settings.dataset_download_timeout_s
     cap = settings.max_dataset_bytes
-    response, final = _open(url, settings, deadline)
+    response, pool, final = _open(url, settings, deadline)
     shown = display_url(url)
     try:
         if response.status != 200:
@@ -344,6 +348,7 @@ def _fetch_url(url: str, target: Path, settings: WorkerSettings) -> Fetched:
                            retryable=True) from None
     finally:
         response.release_conn()
+        pool.close()
     logger.info("downloaded %s (%d bytes) in %.1fs", shown, size, time.monotonic() - started)
     details = {"final_url": display_url(final)} if final != url else {}
     return Fetched([target], [shown], shown, digest.hexdigest(), size, urlsplit(url).scheme.lower(), details)
