@@ -70,6 +70,10 @@ class _CappedReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
     def readinto(self, buffer) -> int:
         data = self.inner.read(len(buffer))
         self.count += len(data)
@@ -150,10 +154,9 @@ def read_files(paths: list[Path], names: list[str], *, cap: int, limit: int | No
 
 
 def _open_text(path: Path, gzipped: bool, cap: int, name: str) -> IO[bytes]:
-    raw: IO[bytes] = open(path, "rb")
     if gzipped:
-        raw = io.BufferedReader(_CappedReader(gzip.GzipFile(fileobj=raw, mode="rb"), cap, name), 1 << 20)
-    return raw
+        return io.BufferedReader(_CappedReader(gzip.open(path, "rb"), cap, name), 1 << 20)
+    return open(path, "rb")
 
 
 def _rows(path: Path, name: str, fmt: str, gzipped: bool, cap: int, limit: int | None,
