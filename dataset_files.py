@@ -91,11 +91,8 @@ def file_format(path: Path, name: str) -> tuple[str, bool]:
     with open(path, "rb") as f:
         head = f.read(4)
     gzipped = head[:2] == GZIP_MAGIC
-    lower = name.lower().split("?", 1)[0]
-    if lower.endswith(".gz"):
-        lower = lower[:-3]
-    suffix = Path(lower).suffix
-    fmt = EXTENSIONS.get(suffix)
+    # The shown name's extension, else the local copy's (named after a redirect or Content-Disposition).
+    fmt = _named_format(name) or _named_format(path.name)
     if head == PARQUET_MAGIC:
         return "parquet", False
     if fmt == "parquet":
@@ -104,6 +101,11 @@ def file_format(path: Path, name: str) -> tuple[str, bool]:
     if fmt is None:
         fmt = _sniff(path, gzipped, name)
     return fmt, gzipped
+
+
+def _named_format(name: str) -> str | None:
+    lower = name.lower().split("?", 1)[0].removesuffix(".gz")
+    return EXTENSIONS.get(Path(lower).suffix)
 
 
 def _sniff(path: Path, gzipped: bool, name: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import re
 import shutil
 import socket
 import ssl
@@ -304,6 +305,8 @@ _STATUS_HINTS = {
 
 
 def _fetch_url(url: str, target: Path, settings: WorkerSettings) -> Fetched:
+    import urllib3
+
     started = time.monotonic()
     deadline = started + settings.dataset_download_timeout_s
     cap = settings.max_dataset_bytes
@@ -337,13 +340,7 @@ def _fetch_url(url: str, target: Path, settings: WorkerSettings) -> Fetched:
                                        retryable=True)
                 digest.update(chunk)
                 out.write(chunk)
-    except DatasetError:
-        raise
-    except Exception as exc:  # urllib3 read errors: the connection dropped or timed out mid-file
-        import urllib3
-
-        if not isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
-            raise
+    except (urllib3.exceptions.HTTPError, OSError) as exc:  # dropped or timed out mid-file, or a full disk
         raise DatasetError(f"the download of {shown} failed ({_reason(exc)}); try again",
                            retryable=True) from None
     finally:
@@ -351,6 +348,12 @@ def _fetch_url(url: str, target: Path, settings: WorkerSettings) -> Fetched:
         pool.close()
     logger.info("downloaded %s (%d bytes) in %.1fs", shown, size, time.monotonic() - started)
     details = {"final_url": display_url(final)} if final != url else {}
+    if not _suffix_of(url):
+        # The file's kind may only show after a redirect or in Content-Disposition: name the copy by it.
+        disposition = re.search(r'filename="?([^";]+)"?', response.headers.get("Content-Disposition") or "")
+        suffix = _suffix_of(final) or (_suffix_of(disposition.group(1)) if disposition else "")
+        if suffix:
+            target = target.rename(target.with_name(target.name + suffix))
     return Fetched([target], [shown], shown, digest.hexdigest(), size, urlsplit(url).scheme.lower(), details)
 
 

@@ -9,6 +9,7 @@ certificate made here for ``localhost`` and ``127.0.0.1`` (its CA file is handed
     server.statuses["/gone"] = 404                        # an error status with a short body
     server.streams["/endless"] = (b"x" * 65536, 4096)     # chunked, no Content-Length
     server.content_types["/page"] = "text/html"
+    server.headers["/blob"] = {"Content-Disposition": 'attachment; filename="train.csv"'}
 
 Every request is recorded (method, path with query, headers) and ``sent["/endless"]`` counts the
 bytes a stream managed to write before the client hung up.
@@ -32,6 +33,7 @@ class FileServer:
     statuses: dict[str, int] = field(default_factory=dict)
     streams: dict[str, tuple[bytes, int]] = field(default_factory=dict)
     content_types: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)  # extra headers per file
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     sent: dict[str, int] = field(default_factory=dict)
     httpd: ThreadingHTTPServer | None = None
@@ -68,7 +70,8 @@ def _handler(server: FileServer):
                 self._reply(server.statuses[path], b"error\n", {"Content-Type": "text/plain"})
             elif path in server.files:
                 body = server.files[path]
-                self._reply(200, body, {"Content-Type": server.content_types.get(path, "application/octet-stream")})
+                self._reply(200, body, {"Content-Type": server.content_types.get(path, "application/octet-stream"),
+                                        **server.headers.get(path, {})})
             elif path in server.streams:
                 self._stream(path, *server.streams[path])
             else:

@@ -94,6 +94,17 @@ def test_http_url_and_redirects_are_followed(http_server, open_settings):
     assert raw.report.sha256 == hashlib.sha256(gzip.compress(JSONL)).hexdigest()
 
 
+def test_the_file_kind_comes_from_the_final_url_or_content_disposition(http_server, open_settings):
+    csv_body = b"prompt,completion\nQ1?,A1.\nQ2?,A2.\n"
+    http_server.files["/exports/train.csv"] = csv_body
+    http_server.redirects["/download"] = "/exports/train.csv"
+    http_server.files["/blob/42"] = csv_body
+    http_server.headers["/blob/42"] = {"Content-Disposition": 'attachment; filename="train.csv"'}
+    for path in ("/download", "/blob/42"):
+        raw = read(http_server.url(path), open_settings)
+        assert raw.report.file_format == "csv" and [ex.completion for ex in raw.train] == ["A1.", "A2."]
+
+
 def test_a_redirect_is_checked_like_the_first_url(http_server, open_settings):
     http_server.redirects["/to-metadata"] = "http://169.254.169.254/latest/meta-data/"
     http_server.redirects["/to-file"] = "file:///etc/passwd"
