@@ -94,6 +94,13 @@ def select_files(files: list[str], card: dict, *, subset: str | None, split: str
                 raise DatasetError(f"{shown} has several subsets ({', '.join(names)}); name one in 'subset'")
             config = config or configs[0]
         subset = str(config.get("config_name", "default"))
+        if config.get("data_files") is None and isinstance(config.get("data_dir"), str):
+            # A config that only names its folder: splits come from the file names inside it.
+            folder = config["data_dir"].strip("/") + "/"
+            inside = [f[len(folder):] for f in data if f.startswith(folder)]
+            chosen, _, split = select_files(inside, {}, subset=None, split=split, path=None,
+                                            shown=f"{shown} subset {subset!r}", prefer=prefer)
+            return [folder + f for f in chosen], subset, split
         by_split = _data_files_by_split(config.get("data_files"))
         split = split or _preferred(by_split, prefer, shown)
         if split not in by_split:

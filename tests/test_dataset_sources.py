@@ -355,8 +355,21 @@ def test_hf_splits_from_file_names(hub, volume):
     assert [ex.prompt for ex in read("hf://acme/plain", settings).train] == [
         r["prompt"] for r in _rows("a", 2) + _rows("b", 2)]
     assert [ex.prompt for ex in read("hf://acme/plain", settings, split="validation").train] == ["v question 0?"]
-    one = read("hf://acme/plain/extra/notes.jsonl", settings)
+    one = read("hf://datasets/acme/plain/extra/notes.jsonl", settings)
     assert [ex.text for ex in one.train] == ["notes"]
+
+
+def test_hf_card_config_with_a_data_dir(hub, volume):
+    hub.repos["acme/dirs"] = DatasetRepo({
+        "README.md": b"---\nconfigs:\n- config_name: small\n  data_dir: small\n- config_name: big\n  data_dir: big\n---\n",
+        "small/train.jsonl": JSONL, "small/test.jsonl": b'{"text": "small test"}\n',
+        "big/train.jsonl": b'{"text": "big"}\n',
+    })
+    settings = WorkerSettings()
+    assert [ex.text for ex in read("hf://acme/dirs", settings, subset="small", split="test").train] == ["small test"]
+    assert len(read("hf://acme/dirs", settings, subset="small").train) == 6
+    with pytest.raises(DatasetError, match="has several subsets \\(small, big\\); name one in 'subset'"):
+        read("hf://acme/dirs", settings)
 
 
 def test_hf_eval_uri_takes_the_validation_or_test_split(hub, volume):
