@@ -38,6 +38,7 @@ class WorkerSettings(BaseSettings):
     )
     default_base_model: str | None = None
     trust_remote_code_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    hf_endpoint: str | None = None  # a Hub mirror; huggingface_hub's default when unset
 
     # --- artifact store (S3) -------------------------------------------------------------------
     s3_bucket: str | None = None
@@ -74,8 +75,6 @@ class WorkerSettings(BaseSettings):
     # Link-local and cloud metadata addresses (169.254/16, fe80::/10) are refused regardless.
     allow_private_urls: bool = False
     dataset_download_timeout_s: float = Field(default=900.0, gt=0)
-    # The Hub for hf:// datasets (and a local Hub in tests); unset means huggingface.co.
-    hf_endpoint: str | None = None
     log_level: str = "INFO"
 
     @field_validator("trust_remote_code_models", mode="before")
@@ -86,9 +85,9 @@ class WorkerSettings(BaseSettings):
         return value
 
     @field_validator(
-        "models_dir", "model_path", "hf_home", "s3_bucket", "s3_endpoint_url", "aws_region",
+        "models_dir", "model_path", "hf_home", "hf_endpoint", "s3_bucket", "s3_endpoint_url", "aws_region",
         "supabase_url", "default_base_model", "gpu_hourly_usd", "max_train_seconds",
-        "hf_endpoint", mode="before",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
