@@ -300,7 +300,7 @@ configs:
 
 
 @pytest.fixture
-def hub(volume, monkeypatch):
+def dataset_hub(volume, monkeypatch):
     from huggingface_hub import constants
 
     server = start_hub_server()
@@ -325,32 +325,32 @@ def hub(volume, monkeypatch):
     server.stop()
 
 
-def test_hf_dataset_default_subset_and_its_shards(hub, volume):
+def test_hf_dataset_default_subset_and_its_shards(dataset_hub, volume):
     settings = WorkerSettings()
     raw = read("hf://acme/capitals", settings)
     assert [ex.prompt for ex in raw.train] == [r["prompt"] for r in _rows("en0", 3) + _rows("en1", 2)]
     assert raw.report.source == "hf://acme/capitals (en, train)"
     assert raw.train[3].where == "hf://acme/capitals/en/train-00001-of-00002.parquet record 1"
-    assert sorted(hub.downloads()) == ["README.md", "en/train-00000-of-00002.parquet",
+    assert sorted(dataset_hub.downloads()) == ["README.md", "en/train-00000-of-00002.parquet",
                                        "en/train-00001-of-00002.parquet"]
     snapshot = volume / "huggingface-cache" / "hub" / "datasets--acme--capitals" / "snapshots"
-    assert [p.name for p in snapshot.iterdir()] == [hub.repos["acme/capitals"].sha]
+    assert [p.name for p in snapshot.iterdir()] == [dataset_hub.repos["acme/capitals"].sha]
 
 
-def test_hf_subset_and_split_then_a_warm_cache_asks_nothing(hub, volume):
+def test_hf_subset_and_split_then_a_warm_cache_asks_nothing(dataset_hub, volume):
     settings = WorkerSettings()
     raw = read("hf://acme/capitals", settings, subset="fr", split="test")
     assert [ex.prompt for ex in raw.train] == [r["prompt"] for r in _rows("fr-test", 2)]
-    assert "fr/train.jsonl" not in hub.downloads()
-    body = hub.repos["acme/capitals"].files["fr/test.jsonl"]
+    assert "fr/train.jsonl" not in dataset_hub.downloads()
+    body = dataset_hub.repos["acme/capitals"].files["fr/test.jsonl"]
     assert raw.report.sha256 == hashlib.sha256(body).hexdigest()
-    asked = len(hub.requests)
+    asked = len(dataset_hub.requests)
     again = read("hf://acme/capitals", settings, subset="fr", split="test")
-    assert len(hub.requests) == asked, hub.requests[asked:]  # offline first: the volume's cache answers
+    assert len(dataset_hub.requests) == asked, dataset_hub.requests[asked:]  # offline first: the volume's cache answers
     assert again.report.sha256 == raw.report.sha256
 
 
-def test_hf_splits_from_file_names(hub, volume):
+def test_hf_splits_from_file_names(dataset_hub, volume):
     settings = WorkerSettings()
     assert [ex.prompt for ex in read("hf://acme/plain", settings).train] == [
         r["prompt"] for r in _rows("a", 2) + _rows("b", 2)]
@@ -359,8 +359,8 @@ def test_hf_splits_from_file_names(hub, volume):
     assert [ex.text for ex in one.train] == ["notes"]
 
 
-def test_hf_card_config_with_a_data_dir(hub, volume):
-    hub.repos["acme/dirs"] = DatasetRepo({
+def test_hf_card_config_with_a_data_dir(dataset_hub, volume):
+    dataset_hub.repos["acme/dirs"] = DatasetRepo({
         "README.md": b"---\nconfigs:\n- config_name: small\n  data_dir: small\n- config_name: big\n  data_dir: big\n---\n",
         "small/train.jsonl": JSONL, "small/test.jsonl": b'{"text": "small test"}\n',
         "big/train.jsonl": b'{"text": "big"}\n',
@@ -372,7 +372,7 @@ def test_hf_card_config_with_a_data_dir(hub, volume):
         read("hf://acme/dirs", settings)
 
 
-def test_hf_eval_uri_takes_the_validation_or_test_split(hub, volume):
+def test_hf_eval_uri_takes_the_validation_or_test_split(dataset_hub, volume):
     settings = WorkerSettings()
     raw = read_dataset(DatasetSpec(uri="hf://acme/plain", eval_uri="hf://acme/plain"), settings, seed=0)
     assert (len(raw.train), [ex.prompt for ex in raw.eval]) == (4, ["v question 0?"])
@@ -380,7 +380,7 @@ def test_hf_eval_uri_takes_the_validation_or_test_split(hub, volume):
                        settings, seed=0)
     assert [ex.prompt for ex in raw.eval] == [r["prompt"] for r in _rows("fr-test", 2)]
     assert raw.report.eval_source == "hf://acme/capitals (fr, test)"
-    hub.repos["acme/trainonly"] = DatasetRepo({"train.jsonl": JSONL})
+    dataset_hub.repos["acme/trainonly"] = DatasetRepo({"train.jsonl": JSONL})
     with pytest.raises(DatasetError, match="hf://acme/trainonly has no validation or test split"):
         read_dataset(DatasetSpec(uri="hf://acme/trainonly", eval_uri="hf://acme/trainonly"), settings, seed=0)
 
@@ -394,35 +394,35 @@ def test_hf_eval_uri_takes_the_validation_or_test_split(hub, volume):
     ("hf://acme/plain/missing.jsonl", {}, "no data file at 'missing.jsonl'"),
     ("hf://acme", {}, "must name a dataset repo: hf://org/name"),
 ])
-def test_hf_errors_name_what_exists(hub, volume, uri, spec, fragment):
+def test_hf_errors_name_what_exists(dataset_hub, volume, uri, spec, fragment):
     with pytest.raises(DatasetError) as info:
         read(uri, WorkerSettings(), **spec)
     assert fragment in str(info.value)
 
 
-def test_hf_gated_needs_the_token(hub, volume, monkeypatch):
-    hub.repos["acme/gated"] = DatasetRepo({"train.jsonl": JSONL}, gated=True)
-    hub.token = "hf_testtokentesttokentesttoken01"
+def test_hf_gated_needs_the_token(dataset_hub, volume, monkeypatch):
+    dataset_hub.repos["acme/gated"] = DatasetRepo({"train.jsonl": JSONL}, gated=True)
+    dataset_hub.token = "hf_testtokentesttokentesttoken01"
     with pytest.raises(DatasetError, match="hf://acme/gated is gated: accept its terms"):
         read("hf://acme/gated", WorkerSettings())
-    monkeypatch.setenv("HF_TOKEN", hub.token)
+    monkeypatch.setenv("HF_TOKEN", dataset_hub.token)
     assert len(read("hf://acme/gated", WorkerSettings()).train) == 6
 
 
-def test_hf_cap_is_checked_before_downloading(hub, volume):
+def test_hf_cap_is_checked_before_downloading(dataset_hub, volume):
     settings = WorkerSettings(max_dataset_bytes=1500)
     with pytest.raises(DatasetError, match=r"hf://acme/capitals \(en / train, 2 files\) is \d+ bytes, over the 1500-byte cap"):
         read("hf://acme/capitals", settings)
-    assert not any(p.endswith(".parquet") for p in hub.downloads())
+    assert not any(p.endswith(".parquet") for p in dataset_hub.downloads())
 
 
-def test_hf_offline_with_a_cold_cache_says_so(hub, volume, monkeypatch):
+def test_hf_offline_with_a_cold_cache_says_so(dataset_hub, volume, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DatasetError, match="is not in the Hugging Face cache on the volume .* HF_HUB_OFFLINE is set"):
         read("hf://acme/plain", WorkerSettings())
-    assert hub.requests == []
+    assert dataset_hub.requests == []
 
 
 # --------------------------------------------------------------------------------------------------
