@@ -21,6 +21,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,254}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_.*]{1,128}$")
+DATASET_SCHEMES = ("https", "http", "s3", "hf")
 
 
 class StrictModel(BaseModel):
@@ -54,6 +55,20 @@ class DatasetSpec(StrictModel):
     subset: str | None = Field(default=None, max_length=256)
     split: str | None = Field(default=None, max_length=256)
 
+    @field_validator("uri", "eval_uri")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value)
+        if match and match.group(1).lower() not in DATASET_SCHEMES:
+            raise ValueError(
+                f"scheme '{match.group(1)}://' is not supported; use https://, http://, s3://bucket/key, "
+                "hf://org/name, or a path on the volume"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
         if (self.uri is None) == (self.records is None):
@@ -62,6 +77,10 @@ class DatasetSpec(StrictModel):
             )
         if self.eval_uri is not None and self.eval_fraction > 0:
             raise ValueError("give either 'eval_uri' or 'eval_fraction', not both")
+        if (self.subset or self.split) and not (self.uri or "").lower().startswith("hf://"):
+            raise ValueError(
+                "'subset' and 'split' apply to hf:// datasets only; drop them or use an hf://org/name uri"
+            )
         return self
 
 

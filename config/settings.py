@@ -87,6 +87,12 @@ class WorkerSettings(BaseSettings):
     progress_interval_s: float = Field(default=5.0, ge=0)
     max_dataset_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_inline_records: int = Field(default=10_000, gt=0)
+    # --- dataset sources -----------------------------------------------------------------------
+    # URLs that resolve to loopback or private networks (10/8, 172.16/12, 192.168/16, fc00::/7, …)
+    # are refused unless this is set (a dataset server on the same private network, or tests).
+    # Link-local and cloud metadata addresses (169.254/16, fe80::/10) are refused regardless.
+    allow_private_urls: bool = False
+    dataset_download_timeout_s: float = Field(default=900.0, gt=0)
     log_level: str = "INFO"
 
     @field_validator("trust_remote_code_models", mode="before")

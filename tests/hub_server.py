@@ -110,6 +110,15 @@ class HubServer:
         self.repos[(repo_type, repo_id)] = repo
         return repo
 
+    def add_dataset(self, repo_id: str, files: dict[str, bytes], *, gated: bool = False) -> HubRepo:
+        return self.add_repo(repo_id, files, repo_type="dataset", gated=gated)
+
+    def downloads(self) -> list[str]:
+        """The file paths GET-downloaded so far (from /resolve/ URLs)."""
+        with self._lock:
+            return [p.split("/resolve/", 1)[1].split("/", 1)[1] for m, p in self.requests
+                    if m == "GET" and "/resolve/" in p]
+
     def log(self, method: str, path: str) -> None:
         with self._lock:
             self.requests.append((method, path))
