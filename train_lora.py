@@ -8,8 +8,12 @@ LoRA, so every one that matters is set here on purpose.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +54,11 @@ class TrainResult:
     load_seconds: float = 0.0
     train_seconds: float = 0.0
     model: Any = field(default=None, repr=False)  # the trained PeftModel, for callers that evaluate it
+    target_parameters: list[str] = field(default_factory=list)  # fused expert weights adapted
+
+
+class TrainingCancelled(TrainingError):
+    """The job was cancelled (RunPod cancel): training stopped at a step boundary, checkpoint kept."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,12 @@ class Runtime:
     gradient_checkpointing: bool
 
 
-def plan_runtime(hp: Hyperparameters) -> Runtime:
-    """Check the request against this machine; raise InputError before any load if it cannot run."""
+def plan_runtime(hp: Hyperparameters, memory_plan=None) -> Runtime:
+    """Check the request against this machine; raise InputError before any load if it cannot run.
+
+    ``quantization: auto`` takes the memory plan's choice (none when the model fits in 16 bits, else
+    4-bit), and is always none on a CPU.
+    """
     import torch
 
     cuda = torch.cuda.is_available()
@@ -72,7 +85,12 @@ def plan_runtime(hp: Hyperparameters) -> Runtime:
             f"hyperparameters.quantization '{hp.quantization}' needs a CUDA GPU (bitsandbytes); this "
             "worker has none. Use 'auto' or 'none'"
         )
-    quantization = "none" if hp.quantization == "auto" else hp.quantization
+    if hp.quantization != "auto":
+        quantization = hp.quantization
+    elif memory_plan is not None and cuda:
+        quantization = memory_plan.quantization
+    else:
+        quantization = "none"
     if cuda:
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     else:
@@ -81,26 +99,146 @@ def plan_runtime(hp: Hyperparameters) -> Runtime:
     return Runtime("cuda" if cuda else "cpu", precision, quantization, checkpointing)
 
 
-def find_target_modules(model, requested: str | list[str]) -> list[str]:
-    """The leaf names of the linear layers LoRA adapts; explicit names are checked against the model."""
+# --------------------------------------------------------------------------------------------------
+# what LoRA adapts
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Linear layers LoRA wraps (by leaf name) and fused expert weights it wraps as parameters."""
+
+    modules: list[str]
+    parameters: list[str] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.modules, *self.parameters]
+
+
+def _generic_name(module_path: str) -> str:
+    """'model.layers.7.mlp.experts' → 'mlp.experts': the same name in every layer."""
+    import re
+
+    return re.sub(r"^.*?\.\d+\.", "", module_path)
+
+
+def fused_expert_parameters(model) -> list[str]:
+    """The 3-D routed-expert weights (transformers 5 fuses each layer's experts into one parameter).
+
+    Returned as 'mlp.experts.gate_up_proj'-style names for peft's ``target_parameters``. Convolutions
+    (linear attention's short conv is 3-D too) and anything outside an experts module are ignored.
+    """
     import torch.nn as nn
 
-    linear_leaves: set[str] = set()
+    found: set[str] = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            linear_leaves.add(name.rsplit(".", 1)[-1])
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if "expert" not in type(module).__name__.lower() and leaf != "experts":
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if param.ndim == 3:
+                found.add(f"{_generic_name(name)}.{pname}")
+    return sorted(found)
+
+
+def _linear_leaves(model) -> set[str]:
+    import torch.nn as nn
+
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
+def find_target_modules(model, requested: str | list[str]) -> list[str]:
+    """The leaf names of the linear layers LoRA adapts; explicit names are checked against the model."""
+    return resolve_targets(model, requested).modules
+
+
+def resolve_targets(model, requested: str | list[str]) -> Targets:
+    """What LoRA adapts: linear projections, plus fused expert weights for mixture-of-experts models.
+
+    ``auto``: every linear layer but heads, embeddings and routers, and the fused routed experts.
+    ``all-linear``: the linear layers only. A list: each name is a linear layer's leaf name or a fused
+    expert parameter ('gate_up_proj', 'experts.down_proj' or 'mlp.experts.down_proj').
+    """
+    linear = _linear_leaves(model)
+    fused = fused_expert_parameters(model)
     if requested in ("auto", "all-linear"):
-        chosen = sorted(linear_leaves - EXCLUDED_MODULES)
-        if not chosen:
+        modules = sorted(linear - EXCLUDED_MODULES)
+        parameters = fused if requested == "auto" else []
+        if not modules and not parameters:
             raise ModelError("the model has no linear projection layers for LoRA to adapt")
-        return chosen
-    missing = [name for name in requested if name not in linear_leaves]
+        return Targets(modules, parameters)
+    modules, parameters, missing = [], [], []
+    for name in requested:
+        matches = [p for p in fused if p == name or p.endswith("." + name)]
+        if name in linear:
+            modules.append(name)
+        elif matches:
+            parameters.extend(m for m in matches if m not in parameters)
+        else:
+            missing.append(name)
     if missing:
+        fused_text = f"; fused expert weights: {', '.join(fused)}" if fused else ""
         raise InputError(
-            f"hyperparameters.target_modules {missing} match no linear layer of this model; "
-            f"it has: {', '.join(sorted(linear_leaves))}"
+            f"hyperparameters.target_modules {missing} match no linear layer or expert weight of this "
+            f"model; it has linear layers: {', '.join(sorted(linear))}{fused_text}"
         )
-    return list(requested)
+    return Targets(modules, parameters)
+
+
+def lora_dropout_for(hp: Hyperparameters, targets: Targets) -> float:
+    """peft cannot apply dropout inside a fused expert weight (its ParamWrapper refuses any).
+
+    The default dropout gives way to 0 there, and says so; a dropout the user asked for is an error.
+    """
+    if not targets.parameters or hp.lora_dropout == 0:
+        return hp.lora_dropout
+    if "lora_dropout" in hp.model_fields_set:
+        raise InputError(
+            f"hyperparameters.lora_dropout must be 0 when fused expert weights "
+            f"({', '.join(targets.parameters)}) are adapted: peft's LoRA on parameters has no dropout; "
+            f"got {hp.lora_dropout}. Set lora_dropout to 0, or list target_modules without the experts"
+        )
+    logger.info("lora_dropout 0 instead of the default %g: fused expert weights are adapted",
+                hp.lora_dropout)
+    return 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# batching
+
+
+def has_recurrent_layers(config) -> bool:
+    """Linear attention / state-space layers carry state along the sequence, across packed examples."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    attention = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
+    return any(kind not in attention for kind in (getattr(text, "layer_types", None) or []))
+
+
+def plan_batching(hp: Hyperparameters, config) -> str:
+    """'packed' (bfd packing), 'padding_free' (one flat row per batch) or 'padded'.
+
+    Both unpadded forms pass position ids restarting at 0 per example and no attention mask, so
+    attention never crosses examples. A linear-attention layer's recurrent state would, on the
+    reference kernels (they ignore sequence boundaries), so such models are padded.
+    """
+    recurrent = has_recurrent_layers(config)
+    if hp.packing is True:
+        if recurrent:
+            raise InputError(
+                f"hyperparameters.packing true is not supported for {config.model_type}: its linear-"
+                "attention layers would carry state from one packed example into the next; set packing "
+                "to false or 'auto'"
+            )
+        return "packed"
+    if hp.packing == "auto" and not recurrent:
+        return "padding_free"
+    return "padded"
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
 
 
 def quiet_progress_bars() -> None:
@@ -112,6 +250,20 @@ def quiet_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
+def quantization_config(quantization: str, compute_dtype):
+    """bitsandbytes settings: NF4 with double quantization (QLoRA), or LLM.int8."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
@@ -121,19 +273,9 @@ def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[runtime.precision]
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if runtime.quantization != "none":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-            )
-            if runtime.quantization == "4bit"
-            else BitsAndBytesConfig(load_in_8bit=True)
-        )
-        kwargs["device_map"] = {"": 0}
+        kwargs["quantization_config"] = quantization_config(runtime.quantization, dtype)
+        # bitsandbytes quantizes while placing: the whole model on this process's device.
+        kwargs["device_map"] = {"": _local_device(runtime)}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
     except (OSError, ValueError) as exc:
@@ -148,6 +290,142 @@ def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool 
     return model
 
 
+def _local_device(runtime: Runtime):
+    if runtime.device != "cuda":
+        return "cpu"
+    return int(os.environ.get("LOCAL_RANK", "0"))  # accelerate sets it per process; 0 when alone
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints on the volume: complete ones only, loaded without unpickling code
+
+CHECKPOINT_MARKER = "checkpoint-complete.json"
+# The Trainer's own state files: torch pickles, which transformers 5.24 loads with weights_only=True
+# (tensors and plain containers only). They are checked the same way before a resume, so that a
+# damaged or planted file skips that checkpoint instead of failing the job half-way into loading.
+_CHECKPOINT_PICKLES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
+_CHECKPOINT_FILES = frozenset({"adapter_model.safetensors", "adapter_config.json", "trainer_state.json",
+                               "README.md", CHECKPOINT_MARKER, *_CHECKPOINT_PICKLES})
+
+
+def run_signature(hp: Hyperparameters, data: PreparedDataset, base_model_id: str,
+                  base_revision: str | None) -> str:
+    """What a checkpoint must match to be resumed: same model, data and training settings."""
+    settings = hp.model_dump(mode="json", exclude={"logging_steps", "eval_steps", "save_steps",
+                                                   "save_total_limit"})
+    payload = {"base": [base_model_id, base_revision], "dataset": data.report.sha256,
+               "examples": len(data.train), "hyperparameters": settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _step_of(path: Path) -> int | None:
+    prefix = "checkpoint-"
+    if path.is_dir() and path.name.startswith(prefix) and path.name[len(prefix):].isdigit():
+        return int(path.name[len(prefix):])
+    return None
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path, dict | None]]:
+    """(step, folder, marker or None) for every checkpoint folder, oldest first."""
+    found = []
+    if checkpoint_dir.is_dir():
+        for path in checkpoint_dir.iterdir():
+            step = _step_of(path)
+            if step is None:
+                continue
+            try:
+                marker = json.loads((path / CHECKPOINT_MARKER).read_text())
+            except (OSError, ValueError):
+                marker = None
+            found.append((step, path, marker))
+    return sorted(found, key=lambda item: item[0])
+
+
+def _unsafe_reason(path: Path) -> str | None:
+    """Why this checkpoint must not be loaded, or None."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    if not (path / "adapter_model.safetensors").is_file():
+        return "it has no adapter_model.safetensors"
+    strangers = sorted(p.name for p in path.iterdir() if p.name not in _CHECKPOINT_FILES)
+    if strangers:
+        return f"it holds files a resume does not expect: {', '.join(strangers)}"
+    for name in _CHECKPOINT_PICKLES:
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            with safe_globals():  # numpy arrays in rng_state.pth, as the Trainer itself allows
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - any refusal or damage means: do not resume from it
+            return f"{name} is not plain tensor data ({type(exc).__name__})"
+    return None
+
+
+def find_resume_checkpoint(checkpoint_dir: Path, signature: str) -> Path | None:
+    """The newest complete, safe checkpoint of this run; half-written and foreign ones are removed."""
+    chosen = None
+    for step, path, marker in reversed(list_checkpoints(checkpoint_dir)):
+        if marker is None:
+            logger.warning("checkpoint %s was never completed (a killed process?): removed", path.name)
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        if marker.get("signature") != signature:
+            logger.warning("checkpoint %s belongs to other training settings or data: removed", path.name)
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        if chosen is not None:
+            continue
+        reason = _unsafe_reason(path)
+        if reason:
+            logger.warning("checkpoint %s is skipped: %s", path.name, reason)
+            continue
+        chosen = path
+    return chosen
+
+
+class _CheckpointKeeper:
+    """After the Trainer writes a checkpoint: drop the pickled args, mark it complete, keep the newest.
+
+    The marker is written last, atomically: a folder without it is a save that a kill interrupted.
+    Rotation is done here rather than by the Trainer so that the previous complete checkpoint is
+    only removed once the new one is marked complete.
+    """
+
+    def __init__(self, checkpoint_dir: Path, signature: str, keep: int):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.is_world_process_zero:
+                    outer.mark(state.global_step)
+
+        self.callback = Callback()
+        self.checkpoint_dir = checkpoint_dir
+        self.signature = signature
+        self.keep = keep
+
+    def mark(self, step: int) -> None:
+        path = self.checkpoint_dir / f"checkpoint-{step}"
+        # The Trainer's pickled TrainingArguments: never read on resume, so never kept to be read.
+        (path / "training_args.bin").unlink(missing_ok=True)
+        marker = {"step": step, "signature": self.signature, "completed_at": time.time()}
+        tmp = path / f".{CHECKPOINT_MARKER}.tmp"
+        tmp.write_text(json.dumps(marker))
+        os.replace(tmp, path / CHECKPOINT_MARKER)
+        complete = [p for s, p, m in list_checkpoints(self.checkpoint_dir) if m is not None]
+        for old in complete[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint %s saved", path.name)
+
+
+# --------------------------------------------------------------------------------------------------
+# the training loop's hooks
+
+
 class _ProgressCallback:
     """Forwards the trainer's logs to ``on_progress`` and stops on a non-finite loss."""
 
@@ -159,6 +437,9 @@ class _ProgressCallback:
         class Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
                 outer.started = time.monotonic()
+                # A resumed run starts at its checkpoint's step: speed and ETA count this run only.
+                outer.start_step = state.global_step
+                outer.start_tokens = getattr(state, "num_input_tokens_seen", 0) or 0
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 outer.handle_log(state, control, logs or {})
@@ -166,6 +447,8 @@ class _ProgressCallback:
         self.callback = Callback()
         self.on_progress = on_progress
         self.started = time.monotonic()
+        self.start_step = 0
+        self.start_tokens = 0
         self.bad_loss: tuple[int, float] | None = None
 
     def handle_log(self, state, control, logs: dict[str, Any]) -> None:
@@ -173,16 +456,70 @@ class _ProgressCallback:
         if loss is not None and not math.isfinite(loss):
             self.bad_loss = (state.global_step, loss)
             control.should_training_stop = True
+            control.should_save = False  # a checkpoint of broken weights is worth nothing
         if loss is None or self.on_progress is None:
             return
         elapsed = max(time.monotonic() - self.started, 1e-9)
         step, total = state.global_step, state.max_steps
-        tokens = getattr(state, "num_input_tokens_seen", 0) or 0
-        eta = elapsed / step * (total - step) if step else None
+        tokens = (getattr(state, "num_input_tokens_seen", 0) or 0) - self.start_tokens
+        done = step - self.start_step
+        eta = elapsed / done * (total - step) if done > 0 else None
         self.on_progress(ProgressEvent(
             step=step, total_steps=total, loss=float(loss), learning_rate=logs.get("learning_rate"),
-            epoch=logs.get("epoch"), tokens_per_second=tokens / elapsed if tokens else None, eta_s=eta,
+            epoch=logs.get("epoch"), tokens_per_second=tokens / elapsed if tokens > 0 else None, eta_s=eta,
         ))
+
+
+class _StopControl:
+    """Stops at the next step boundary, with a checkpoint, on a cancel or when the time is up."""
+
+    def __init__(self, max_seconds: float | None, should_stop: Callable[[], bool] | None):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                outer.started = time.monotonic()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                outer.check(state, control)
+
+        self.callback = Callback()
+        self.max_seconds = max_seconds
+        self.should_stop = should_stop
+        self.started = time.monotonic()
+        self.reason: str | None = None
+        self.step = 0
+
+    def check(self, state, control) -> None:
+        if self.should_stop is not None and self.should_stop():
+            self.reason = "cancelled"
+        elif self.max_seconds is not None and time.monotonic() - self.started >= self.max_seconds:
+            self.reason = "time"
+        if self.reason and state.global_step < state.max_steps:
+            self.step = state.global_step
+            control.should_training_stop = True
+            control.should_save = True
+        else:
+            self.reason = None  # the last step: finishing is better than stopping
+
+
+def _tensorboard_callback(log_dir: Path):
+    """Event files next to metrics.json; None (with a warning) where tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+    except ImportError:
+        logger.warning("tensorboard is not installed: no TensorBoard event files for this job")
+        return None
+    callback = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
+    callback.logging_dir = str(log_dir)  # a writer reopened after train() (final eval) goes here too
+    return callback
+
+
+# --------------------------------------------------------------------------------------------------
+# training
 
 
 def train_lora(
@@ -199,34 +536,48 @@ def train_lora(
     on_progress: Callable[[ProgressEvent], None] | None = None,
     trust_remote_code: bool = False,
     callbacks: list | None = None,
+    max_train_seconds: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter and save it to ``output_dir/adapter``; return metrics and the module list."""
+    """Train a LoRA adapter and save it to ``output_dir/adapter``; return metrics and the module list.
+
+    Checkpoints go to ``checkpoint_dir`` (complete ones marked, the newest ``save_total_limit`` kept);
+    a run with the same settings and data resumes from the newest complete one. ``max_train_seconds``
+    and ``should_stop`` stop at the next step with a checkpoint and raise ``TrainingError`` /
+    ``TrainingCancelled`` saying how far it got.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     runtime = runtime or plan_runtime(hp)
     output_dir = Path(output_dir)
+    checkpoint_dir = Path(checkpoint_dir)
     load_started = time.monotonic()
     model = load_base_model(Path(model_path), runtime, trust_remote_code)
     load_seconds = time.monotonic() - load_started
-    targets = find_target_modules(model, hp.target_modules)
+    batching = plan_batching(hp, model.config)
+    targets = resolve_targets(model, hp.target_modules)
+    dropout = lora_dropout_for(hp, targets)
     set_seed(hp.seed)  # the LoRA init draws from the RNG: same seed, same starting adapter
     lora = LoraConfig(
         r=hp.lora_r,
         lora_alpha=hp.lora_alpha,
-        lora_dropout=hp.lora_dropout,
+        lora_dropout=dropout,
         use_rslora=hp.use_rslora,
-        target_modules=targets,
+        target_modules=targets.modules,
+        target_parameters=targets.parameters or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA r=%d alpha=%g on %s: %d trainable of %d parameters (%.3f%%), %s %s",
-                hp.lora_r, hp.lora_alpha, ",".join(targets), trainable, total,
-                100 * trainable / total, runtime.device, runtime.precision)
+    logger.info("LoRA r=%d alpha=%g on %s: %d trainable of %d parameters (%.3f%%), %s %s, %s batches",
+                hp.lora_r, hp.lora_alpha, ",".join(targets.names), trainable, total,
+                100 * trainable / total, runtime.device, runtime.precision, batching)
 
+    signature = run_signature(hp, data, base_model_id, base_revision)
+    resume_from = find_resume_checkpoint(checkpoint_dir, signature)
     has_eval = data.eval is not None
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
@@ -241,37 +592,49 @@ def train_lora(
         weight_decay=hp.weight_decay,
         max_grad_norm=hp.max_grad_norm,
         bf16=runtime.precision == "bf16",
-        fp16=runtime.precision == "fp16",
+        fp16=runtime.precision == "fp16",  # with the Trainer's loss scaling
         use_cpu=runtime.device == "cpu",
         gradient_checkpointing=runtime.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         seed=hp.seed,
-        data_seed=hp.seed,
-        max_length=hp.max_seq_length,
-        packing=hp.packing,
+        data_seed=hp.seed,  # the same shuffle on a resume: the Trainer skips the batches already seen
+        # Rows are truncated by the dataset stage; only packing needs a length to pack to.
+        max_length=hp.max_seq_length if batching != "padding_free" else None,
+        packing=batching == "packed",
+        packing_strategy="bfd",
+        padding_free=batching != "padded",
         logging_steps=hp.logging_steps,
         logging_first_step=True,
         eval_strategy=("steps" if hp.eval_steps else "epoch") if has_eval else "no",
         eval_steps=hp.eval_steps,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=hp.save_steps or 0.1,  # a float below 1: every tenth of the run
+        save_total_limit=None,  # rotation by _CheckpointKeeper, after the new one is complete
         report_to="none",
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
     progress = _ProgressCallback(on_progress)
+    stopper = _StopControl(max_train_seconds, should_stop)
+    keeper = _CheckpointKeeper(checkpoint_dir, signature, hp.save_total_limit)
+    tensorboard = _tensorboard_callback(output_dir / "tensorboard")
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[progress.callback, *(callbacks or [])],
+        callbacks=[progress.callback, stopper.callback, keeper.callback,
+                   *([tensorboard] if tensorboard else []), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; progress is logged by us
+    resumed_step = _step_of(resume_from) if resume_from else 0
+    if resume_from:
+        logger.info("resuming from %s (step %d)", resume_from.name, resumed_step)
     started = time.monotonic()
     try:
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except RuntimeError as exc:
         if "out of memory" in str(exc).lower():
             raise TrainingError(
@@ -286,19 +649,35 @@ def train_lora(
             f"the loss became {loss} at step {step}; lower learning_rate (now {hp.learning_rate}) "
             "or check the data for empty or corrupt examples"
         )
+    if stopper.reason is not None:
+        where = (f"at step {stopper.step} of {trainer.state.max_steps} (epoch "
+                 f"{trainer.state.epoch or 0:.2f}); its checkpoint is kept in {checkpoint_dir}")
+        if stopper.reason == "cancelled":
+            raise TrainingCancelled(f"training was cancelled {where}; sending the same job "
+                                    "(same job_id) again resumes from there")
+        raise TrainingError(
+            f"training stopped after MAX_TRAIN_SECONDS={max_train_seconds:g}s {where}; run the same "
+            "job (same job_id) again to resume from there, or raise MAX_TRAIN_SECONDS together with "
+            "the endpoint's executionTimeout", retryable=True)
 
+    this_run_tokens = int(trainer.state.num_input_tokens_seen or 0) - progress.start_tokens
     metrics: dict[str, Any] = {
         "train_loss": output.training_loss,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_tokens": int(trainer.state.num_input_tokens_seen or 0),
+        "resumed_from_step": resumed_step,
+        "batching": batching,
+        "trainable_parameters": trainable,
     }
-    metrics["tokens_per_second"] = metrics["train_tokens"] / train_seconds if train_seconds else None
+    metrics["tokens_per_second"] = this_run_tokens / train_seconds if train_seconds else None
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics["first_loss"] = losses[0] if losses else None
     metrics["last_loss"] = losses[-1] if losses else None
     if has_eval:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    if tensorboard is not None and tensorboard.tb_writer is not None:
+        tensorboard.tb_writer.close()
 
     adapter_dir = output_dir / "adapter"
     peft_config = model.peft_config["default"]
@@ -313,7 +692,7 @@ def train_lora(
     return TrainResult(
         adapter_dir=adapter_dir,
         metrics=metrics,
-        target_modules=targets,
+        target_modules=targets.modules,
         lora_config=peft_config.to_dict(),
         log_history=list(trainer.state.log_history),
         precision=runtime.precision,
@@ -321,13 +700,12 @@ def train_lora(
         load_seconds=load_seconds,
         train_seconds=train_seconds,
         model=model,
+        target_parameters=targets.parameters,
     )
 
 
 def write_training_report(result: TrainResult, folder: Path) -> None:
     """metrics.json, train_log.jsonl and loss.png (train and eval loss by step) into ``folder``."""
-    import json
-
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(
         {"metrics": result.metrics, "log_history": result.log_history}, indent=2, default=str) + "\n")
