@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -106,11 +107,13 @@ def _innermost_frame(exc: BaseException) -> str:
     return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
 
 
-def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None) -> dict[str, Any]:
+def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None,
+        cancel: threading.Event | None = None) -> dict[str, Any]:
     """Run one validated job; return its output or raise WorkerError.
 
     Only ``train`` writes records: a ``validate`` or ``prefetch`` sent with a training job's id must
-    not mark that job as done.
+    not mark that job as done. ``cancel``, once set (a RunPod cancel), stops training at the next
+    step with a checkpoint; the job row then says ``cancelled``.
     """
     started = time.monotonic()
     job_id = job.job_id or "job"
@@ -131,10 +134,12 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
         "metadata": job.metadata,
     })
     try:
-        output = _train(job, settings, tracker, records)
+        output = _train(job, settings, tracker, records, cancel)
     except WorkerError as exc:
+        from train_lora import TrainingCancelled
+
         records.upsert_job(job_id, {
-            "status": "failed", "stage": exc.stage, "error": f"{exc.stage}: {exc.message}",
+            "status": "cancelled" if isinstance(exc, TrainingCancelled) else "failed", "stage": exc.stage, "error": f"{exc.stage}: {exc.message}",
             "finished_at": now_iso(),
         })
         raise
@@ -204,6 +209,19 @@ def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resol
     return resolved, runtime, tokenizer, prepared
 
 
+def _plan_memory(job: TrainingJob, resolved: ResolvedModel, tracker: Tracker):
+    """The memory plan, before any weight is loaded: a job that cannot fit fails here, in seconds."""
+    from memory_plan import plan_memory, require_fit
+    from train_lora import plan_runtime
+
+    with tracker.stage("train", "plan_s"):
+        plan = plan_memory(resolved.path, job.hyperparameters, trust_remote_code=resolved.trust_remote_code)
+        runtime = plan_runtime(job.hyperparameters, plan)
+        logger.info("memory plan: %s", plan.summary())
+        require_fit(plan)
+    return plan, runtime
+
+
 def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> dict:
     with tracker.stage("model", "resolve_s"):
         try:
@@ -211,8 +229,9 @@ def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
         except ModelNotCached as miss:  # validation needs the tokenizer, never the weights
             located = fetch_metadata(miss, job.model_revision, settings)
     resolved, _, _, prepared = _prepare(job, settings, tracker, located)
+    plan, _ = _plan_memory(job, resolved, tracker)
     return {"job_id": job.job_id, "status": "valid", "base_model": resolved.to_output(),
-            "dataset": prepared.report.to_dict()}
+            "dataset": prepared.report.to_dict(), "memory_plan": plan.to_dict()}
 
 
 def _prefetch(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> dict:
@@ -221,24 +240,30 @@ def _prefetch(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
             "bytes": resolved.bytes, "seconds": round(resolved.seconds, 3)}
 
 
-def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records: Records) -> dict:
+def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records: Records,
+           cancel: threading.Event | None = None) -> dict:
     from train_lora import train_lora
 
     job_id = tracker.job_id
     hp = job.hyperparameters
     store = open_artifact_store(settings)  # a misconfigured store fails before any GPU minute
     resolved, runtime, tokenizer, prepared = _prepare(job, settings, tracker, _locate(job, settings, tracker))
+    plan, runtime = _plan_memory(job, resolved, tracker)
 
     job_dir = settings.jobs_root / job_id
+    # Kept across attempts: a re-delivered job resumes from its newest complete checkpoint here.
+    checkpoint_dir = settings.checkpoints_root / job_id
     with tracker.stage("train", "train_s"):
         if job_dir.exists():
             shutil.rmtree(job_dir)  # an earlier attempt that never finished: start clean
         result = train_lora(
             resolved.path, prepared, hp, job_dir,
-            checkpoint_dir=settings.checkpoints_root / job_id,
+            checkpoint_dir=checkpoint_dir,
             tokenizer=tokenizer, base_model_id=resolved.id, base_revision=resolved.revision,
             runtime=runtime, on_progress=tracker.on_train_progress,
             trust_remote_code=resolved.trust_remote_code,
+            max_train_seconds=settings.max_train_seconds,
+            should_stop=cancel.is_set if cancel is not None else None,
         )
     tracker.timings["load_s"] = round(result.load_seconds, 3)
     tracker.timings["train_s"] = round(result.train_seconds, 3)
@@ -267,9 +292,10 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
                               stage="record", retryable=True) from exc
 
     shutil.rmtree(job_dir, ignore_errors=True)  # stored and recorded: the scratch copy is redundant
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # and nothing is left to resume
     metrics = {k: result.metrics.get(k) for k in
                ("train_loss", "eval_loss", "steps", "epochs", "train_tokens", "tokens_per_second",
-                "first_loss", "last_loss")}
+                "first_loss", "last_loss", "resumed_from_step")}
     return {
         "job_id": job_id,
         "status": "succeeded",
@@ -280,7 +306,9 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
         "dataset": {k: v for k, v in prepared.report.to_dict().items()
                     if k in ("examples", "eval_examples", "tokens", "trained_tokens", "truncated",
                              "dropped", "sha256")},
-        "lora": {"r": hp.lora_r, "alpha": hp.lora_alpha, "target_modules": result.target_modules},
+        "lora": {"r": hp.lora_r, "alpha": hp.lora_alpha, "target_modules": result.target_modules,
+                 "target_parameters": result.target_parameters},
+        "memory_plan": plan.to_dict(),
     }
 
 
@@ -297,7 +325,8 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
         base_model={k: v for k, v in resolved.to_output().items()},
         peft={"peft_type": "LORA", "r": lora.get("r"), "lora_alpha": lora.get("lora_alpha"),
               "lora_dropout": lora.get("lora_dropout"), "use_rslora": lora.get("use_rslora"),
-              "target_modules": result.target_modules, "task_type": "CAUSAL_LM"},
+              "target_modules": result.target_modules,
+              "target_parameters": result.target_parameters, "task_type": "CAUSAL_LM"},
         hyperparameters=job.hyperparameters.model_dump(mode="json"),
         dataset=report,
         metrics=result.metrics,
