@@ -453,8 +453,12 @@ class _ProgressCallback:
 
     def handle_log(self, state, control, logs: dict[str, Any]) -> None:
         loss = logs.get("loss")
+        grad_norm = logs.get("grad_norm")
         if loss is not None and not math.isfinite(loss):
             self.bad_loss = (state.global_step, loss)
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            self.bad_loss = (state.global_step, float("nan"))  # NaN gradients have poisoned the weights
+        if self.bad_loss is not None:
             control.should_training_stop = True
             control.should_save = False  # a checkpoint of broken weights is worth nothing
         if loss is None or self.on_progress is None:
@@ -571,6 +575,13 @@ def train_lora(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    # peft 0.21 remaps leaf names of a transformers-4 MoE layout ('gate_proj', 'up_proj', 'down_proj'
+    # on qwen2_moe-like models, Qwen3-Next included) onto the fused expert parameters, so a shared
+    # expert's Linear layers of those names are not adapted. Report what peft really targets.
+    applied = model.peft_config["default"]
+    params = set(applied.target_parameters or [])
+    params = {p for p in params if not any(q != p and q.endswith("." + p) for q in params)}
+    targets = Targets(sorted(applied.target_modules or []), sorted(params))
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA r=%d alpha=%g on %s: %d trainable of %d parameters (%.3f%%), %s %s, %s batches",
                 hp.lora_r, hp.lora_alpha, ",".join(targets.names), trainable, total,
@@ -605,6 +616,9 @@ def train_lora(
         padding_free=batching != "padded",
         logging_steps=hp.logging_steps,
         logging_first_step=True,
+        # The default filter logs a NaN/inf step loss as the mean of earlier ones: it would hide
+        # exactly the failure that must stop the job.
+        logging_nan_inf_filter=False,
         eval_strategy=("steps" if hp.eval_steps else "epoch") if has_eval else "no",
         eval_steps=hp.eval_steps,
         save_strategy="steps",
