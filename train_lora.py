@@ -304,8 +304,9 @@ CHECKPOINT_MARKER = "checkpoint-complete.json"
 # (tensors and plain containers only). They are checked the same way before a resume, so that a
 # damaged or planted file skips that checkpoint instead of failing the job half-way into loading.
 _CHECKPOINT_PICKLES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
-_CHECKPOINT_FILES = frozenset({"adapter_model.safetensors", "adapter_config.json", "trainer_state.json",
-                               "README.md", CHECKPOINT_MARKER, *_CHECKPOINT_PICKLES})
+# Anything else in a pickle format is not ours: a resume refuses the checkpoint rather than let some
+# loader pick it up (peft would read an adapter_model.bin).
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
 
 
 def run_signature(hp: Hyperparameters, data: PreparedDataset, base_model_id: str,
@@ -348,9 +349,10 @@ def _unsafe_reason(path: Path) -> str | None:
 
     if not (path / "adapter_model.safetensors").is_file():
         return "it has no adapter_model.safetensors"
-    strangers = sorted(p.name for p in path.iterdir() if p.name not in _CHECKPOINT_FILES)
+    strangers = sorted(p.name for p in path.rglob("*")
+                       if p.name.endswith(_PICKLE_SUFFIXES) and p.name not in _CHECKPOINT_PICKLES)
     if strangers:
-        return f"it holds files a resume does not expect: {', '.join(strangers)}"
+        return f"it holds pickled files a resume does not expect: {', '.join(strangers)}"
     for name in _CHECKPOINT_PICKLES:
         file = path / name
         if not file.is_file():
