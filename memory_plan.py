@@ -8,7 +8,8 @@ every stored tensor, read from the first bytes of each file), counted per parame
   ``nn.Linear`` weights (never ``lm_head``). transformers 5 fuses a mixture-of-experts layer's routed
   experts into 3-D parameters, which bitsandbytes leaves in the compute dtype: for
   Qwen3-Next-80B-A3B that is 97% of the weights, so "4-bit" barely shrinks it;
-- LoRA parameters with their gradients and AdamW state (fp32: 16 bytes a parameter);
+- LoRA parameters with their gradients and AdamW state (fp32: 16 bytes a parameter; bf16 under
+  QLoRA, where TRL casts the adapter to bf16: 8 bytes);
 - activations for one micro-batch (batch_size × max_seq_length), with and without gradient
   checkpointing, and the logits;
 - a fixed CUDA context and allocator margin;
@@ -34,6 +35,9 @@ from errors import ModelError, TrainingError
 
 GiB = 1024**3
 LORA_BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 moments
+# TRL casts the adapter of a quantized model to bf16 (as the QLoRA paper does): weight, gradient and
+# AdamW's moments then take 2 bytes each.
+QLORA_BYTES_PER_PARAMETER = 8
 CUDA_OVERHEAD_BYTES = int(1.5 * GiB)  # CUDA context, cuBLAS workspaces, allocator slack
 USABLE_FRACTION = 0.92  # fragmentation: never plan to the last byte
 LOGIT_BYTES_PER_ELEMENT = 10  # bf16 logits, their fp32 upcast for the loss, and the fp32 gradient
@@ -248,6 +252,10 @@ def _weights(shape: _Shape, quantization: str, precision: str) -> tuple[dict[str
     return groups, sum(g.bytes for g in groups.values())
 
 
+def _lora_bytes_per_parameter(quantization: str) -> int:
+    return LORA_BYTES_PER_PARAMETER if quantization == "none" else QLORA_BYTES_PER_PARAMETER
+
+
 def _activations(shape: _Shape, tokens: int, precision: str, checkpointing: bool) -> int:
     dtype_bytes = DTYPE_BYTES[precision]
     logits = tokens * shape.vocab_size * LOGIT_BYTES_PER_ELEMENT
@@ -261,7 +269,7 @@ def _activations(shape: _Shape, tokens: int, precision: str, checkpointing: bool
 def _fit(shape: _Shape, *, quantization: str, precision: str, devices: list[int], cuda: bool,
          tokens: int, checkpointing: bool, shard: bool) -> tuple[Fit, dict]:
     groups, weight_bytes = _weights(shape, quantization, precision)
-    lora_bytes = shape.lora_parameters * LORA_BYTES_PER_PARAMETER
+    lora_bytes = shape.lora_parameters * _lora_bytes_per_parameter(quantization)
     activations = _activations(shape, tokens, precision, checkpointing)
     overhead = CUDA_OVERHEAD_BYTES if cuda else 0
     n = len(devices) if shard else 1
@@ -385,7 +393,7 @@ def _alternatives(shape: _Shape, hp, attempt, devices: list[int], cuda: bool, ch
             break
     if hp.target_modules == "auto" and shape.expert_lora_parameters:
         fit, parts = attempt(base_q, shard=False)
-        saved = shape.expert_lora_parameters * LORA_BYTES_PER_PARAMETER
+        saved = shape.expert_lora_parameters * _lora_bytes_per_parameter(base_q)
         if fit.per_device_bytes - saved <= fit.available_bytes:
             out.append(f"target_modules 'all-linear' (no LoRA on the routed experts: {saved / GiB:.0f} GiB less)")
     if hp.batch_size > 1:
