@@ -256,15 +256,19 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     with tracker.stage("train", "train_s"):
         if job_dir.exists():
             shutil.rmtree(job_dir)  # an earlier attempt that never finished: start clean
-        result = train_lora(
-            resolved.path, prepared, hp, job_dir,
-            checkpoint_dir=checkpoint_dir,
-            tokenizer=tokenizer, base_model_id=resolved.id, base_revision=resolved.revision,
+        common = dict(
+            checkpoint_dir=checkpoint_dir, base_model_id=resolved.id, base_revision=resolved.revision,
             runtime=runtime, on_progress=tracker.on_train_progress,
-            trust_remote_code=resolved.trust_remote_code,
-            max_train_seconds=settings.max_train_seconds,
+            trust_remote_code=resolved.trust_remote_code, max_train_seconds=settings.max_train_seconds,
             should_stop=cancel.is_set if cancel is not None else None,
         )
+        if plan.strategy in ("ddp", "fsdp"):  # several GPUs: one process each (launch.py)
+            from launch import train_distributed
+
+            result = train_distributed(resolved.path, prepared, hp, job_dir, processes=len(plan.device_bytes),
+                                       strategy=plan.strategy, **common)
+        else:
+            result = train_lora(resolved.path, prepared, hp, job_dir, tokenizer=tokenizer, **common)
     tracker.timings["load_s"] = round(result.load_seconds, 3)
     tracker.timings["train_s"] = round(result.train_seconds, 3)
 

@@ -544,13 +544,15 @@ def train_lora(
     callbacks: list | None = None,
     max_train_seconds: float | None = None,
     should_stop: Callable[[], bool] | None = None,
+    distributed: str | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter and save it to ``output_dir/adapter``; return metrics and the module list.
 
     Checkpoints go to ``checkpoint_dir`` (complete ones marked, the newest ``save_total_limit`` kept);
     a run with the same settings and data resumes from the newest complete one. ``max_train_seconds``
     and ``should_stop`` stop at the next step with a checkpoint and raise ``TrainingError`` /
-    ``TrainingCancelled`` saying how far it got.
+    ``TrainingCancelled`` saying how far it got. ``distributed`` ("ddp" or "fsdp") is set by
+    launch.py in each of several processes (torchrun): the Trainer wraps the model accordingly.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import PrinterCallback, set_seed
@@ -592,6 +594,7 @@ def train_lora(
     signature = run_signature(hp, data, base_model_id, base_revision)
     resume_from = find_resume_checkpoint(checkpoint_dir, signature)
     has_eval = data.eval is not None
+    fsdp = distributed == "fsdp"
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
         num_train_epochs=hp.epochs,
@@ -607,7 +610,8 @@ def train_lora(
         bf16=runtime.precision == "bf16",
         fp16=runtime.precision == "fp16",  # with the Trainer's loss scaling
         use_cpu=runtime.device == "cpu",
-        gradient_checkpointing=runtime.gradient_checkpointing,
+        # Under FSDP, activation checkpointing is FSDP's own (fsdp_config below).
+        gradient_checkpointing=runtime.gradient_checkpointing and not fsdp,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         seed=hp.seed,
         data_seed=hp.seed,  # the same shuffle on a resume: the Trainer skips the batches already seen
@@ -630,6 +634,10 @@ def train_lora(
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if distributed else None,  # LoRA: every adapter is used
+        fsdp="full_shard auto_wrap" if fsdp else None,
+        fsdp_config={"use_orig_params": True, "cpu_ram_efficient_loading": True, "sync_module_states": True,
+                     "activation_checkpointing": runtime.gradient_checkpointing} if fsdp else None,
     )
     progress = _ProgressCallback(on_progress)
     stopper = _StopControl(max_train_seconds, should_stop)
@@ -701,7 +709,14 @@ def train_lora(
     peft_config.base_model_name_or_path = base_model_id
     peft_config.revision = base_revision
     # Embeddings are never adapted; "auto" would look the base up on the Hub to compare vocabularies.
-    model.save_pretrained(str(adapter_dir), save_embedding_layers=False)
+    if distributed:
+        # Every rank joins the gather (FSDP shards); rank 0 alone writes.
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if trainer.is_world_process_zero():
+            model.save_pretrained(str(adapter_dir), state_dict=state, save_embedding_layers=False)
+        trainer.accelerator.wait_for_everyone()
+    else:
+        model.save_pretrained(str(adapter_dir), save_embedding_layers=False)
     logger.info("trained %d steps in %.1fs: loss %.4f → %.4f, %s tok/s", metrics["steps"], train_seconds,
                 metrics["first_loss"] or float("nan"), metrics["last_loss"] or float("nan"),
                 f"{metrics['tokens_per_second']:.0f}" if metrics["tokens_per_second"] else "?")

@@ -1,0 +1,104 @@
+"""Training throughput of the batching strategies, side by side, through the worker's own train_lora.
+
+    .venv/bin/python bench/train_throughput.py [--steps 40] [--rounds 2] [--out bench/results/train_throughput.json]
+
+A tiny Llama (hidden 256, 4 layers) built from a config, 512 chat examples with long-tailed lengths
+(lognormal, up to max_seq_length 512), batch 8. Each round runs every strategy once, in turn, so a
+noisy neighbour slows all of them alike; the report gives real (non-padding) tokens per second and
+each strategy's ratio to the first one, "padded" (the baseline). Measurements, never a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STRATEGIES = {"padded": False, "padding_free": "auto", "packed": True}
+WORDS = ("the capital of a country is its largest city in many cases but not always and rivers "
+         "mountains languages answer question explain list summarise translate").split()
+
+
+def records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = min(int(rng.lognormvariate(3.3, 0.9)), 300)  # words: median ~27, long tail
+        answer = " ".join(rng.choice(WORDS) for _ in range(max(length, 2)))
+        out.append({"messages": [{"role": "user", "content": "Tell me something."},
+                                 {"role": "assistant", "content": answer}]})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import torch
+
+    from config.job import TrainingJob
+    from config.settings import WorkerSettings
+    from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
+    from demo.tiny_models import build_tiny_model
+    from train_lora import train_lora
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    data_records = records(512)
+    model_dir = build_tiny_model(work / "model", family="llama", hidden_size=256, layers=4,
+                                 corpus=[" ".join(WORDS)])
+    settings = WorkerSettings(volume_root=work / "volume")
+    tokenizer = load_tokenizer(model_dir)
+    results: dict[str, list[dict]] = {name: [] for name in STRATEGIES}
+    for round_ in range(args.rounds):
+        for name, packing in STRATEGIES.items():
+            job = TrainingJob.from_payload({"dataset": {"records": data_records}, "hyperparameters": {
+                "max_steps": args.steps, "batch_size": 8, "gradient_accumulation_steps": 1,
+                "max_seq_length": 512, "packing": packing, "learning_rate": 1e-3, "logging_steps": 10,
+                "save_steps": 10_000, "lora_dropout": 0.0}})
+            hp = job.hyperparameters
+            data = tokenize_dataset(read_dataset(job.dataset, settings, seed=hp.seed), tokenizer,
+                                    max_seq_length=hp.max_seq_length, train_on_inputs=False)
+            started = time.monotonic()
+            result = train_lora(model_dir, data, hp, work / f"out-{name}-{round_}",
+                                checkpoint_dir=work / f"ckpt-{name}-{round_}", tokenizer=tokenizer,
+                                base_model_id="bench/tiny-llama")
+            row = {"round": round_, "tokens_per_second": result.metrics["tokens_per_second"],
+                   "train_seconds": result.train_seconds, "wall_seconds": time.monotonic() - started,
+                   "train_tokens": result.metrics["train_tokens"], "steps": result.metrics["steps"],
+                   "batching": result.metrics["batching"], "last_loss": result.metrics["last_loss"]}
+            results[name].append(row)
+            print(f"round {round_} {name:13s} {row['tokens_per_second']:8.0f} real tok/s "
+                  f"({row['train_tokens']} tokens in {row['train_seconds']:.1f}s)", flush=True)
+
+    base = sum(r["tokens_per_second"] for r in results["padded"]) / args.rounds
+    summary = {name: {"mean_tokens_per_second": sum(r["tokens_per_second"] for r in rows) / len(rows),
+                      "ratio_to_padded": sum(r["tokens_per_second"] for r in rows) / len(rows) / base}
+               for name, rows in results.items()}
+    for name, s in summary.items():
+        print(f"{name:13s} mean {s['mean_tokens_per_second']:8.0f} tok/s  ×{s['ratio_to_padded']:.2f} of padded")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "command": " ".join(["bench/train_throughput.py", *sys.argv[1:]]),
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "setup": {"model": "llama hidden 256, 4 layers", "examples": 512, "batch_size": 8,
+                  "max_seq_length": 512, "steps": args.steps},
+        "runs": results, "summary": summary}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
