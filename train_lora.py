@@ -489,7 +489,7 @@ class _StopControl:
                 outer.started = time.monotonic()
 
             def on_step_end(self, args, state, control, **kwargs):
-                outer.check(state, control)
+                outer.check(state, control, args.device)
 
         self.callback = Callback()
         self.max_seconds = max_seconds
@@ -498,17 +498,33 @@ class _StopControl:
         self.reason: str | None = None
         self.step = 0
 
-    def check(self, state, control) -> None:
+    def check(self, state, control, device=None) -> None:
         if self.should_stop is not None and self.should_stop():
             self.reason = "cancelled"
         elif self.max_seconds is not None and time.monotonic() - self.started >= self.max_seconds:
             self.reason = "time"
+        self.reason = _agree(self.reason, device)
         if self.reason and state.global_step < state.max_steps:
             self.step = state.global_step
             control.should_training_stop = True
             control.should_save = True
         else:
             self.reason = None  # the last step: finishing is better than stopping
+
+
+_STOP_REASONS = (None, "time", "cancelled")
+
+
+def _agree(reason: str | None, device) -> str | None:
+    """With several processes, all stop at the same step or none does (else a collective hangs)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return reason
+    flag = torch.tensor([_STOP_REASONS.index(reason)], device=device or "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a small sync point per step, only when distributed
+    return _STOP_REASONS[int(flag.item())]
 
 
 def _tensorboard_callback(log_dir: Path):

@@ -62,3 +62,16 @@ def test_all_gpus_of_this_worker_train_with_ddp(settings, tmp_path):
                                    runtime=Runtime("cuda", "bf16", "none", False))
         assert result.metrics["last_loss"] < result.metrics["first_loss"], strategy
         assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_cancel_stops_every_rank_at_the_same_step_with_a_checkpoint(settings, tmp_path):
+    from train_lora import CHECKPOINT_MARKER, TrainingCancelled
+
+    model_dir, _, data, hp = _inputs(settings, batch_size=4, epochs=20)
+    with pytest.raises(TrainingCancelled, match=r"training was cancelled at step \d+ of 80"):
+        train_distributed(model_dir, data, hp, tmp_path / "job", processes=2, strategy="ddp",
+                          checkpoint_dir=tmp_path / "ckpt", base_model_id="org/tiny-llama",
+                          base_revision=None, runtime=Runtime("cpu", "fp32", "none", False),
+                          should_stop=lambda: True)
+    assert len(list((tmp_path / "ckpt").glob(f"checkpoint-*/{CHECKPOINT_MARKER}"))) == 1
