@@ -139,7 +139,8 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
         from train_lora import TrainingCancelled
 
         records.upsert_job(job_id, {
-            "status": "cancelled" if isinstance(exc, TrainingCancelled) else "failed", "stage": exc.stage, "error": f"{exc.stage}: {exc.message}",
+            "status": "cancelled" if isinstance(exc, TrainingCancelled) else "failed",
+            "stage": exc.stage, "error": f"{exc.stage}: {exc.message}",
             "finished_at": now_iso(),
         })
         raise
