@@ -46,12 +46,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
+    # One thread: on a shared machine, idle OpenMP threads spin and bill CPU time to whoever waits.
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from config.job import TrainingJob
     from config.settings import WorkerSettings
     from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
