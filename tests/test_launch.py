@@ -66,7 +66,8 @@ def test_all_gpus_of_this_worker_train_with_ddp(settings, tmp_path):
 
 @pytest.mark.slow
 def test_a_cancel_stops_every_rank_at_the_same_step_with_a_checkpoint(settings, tmp_path):
-    from train_lora import CHECKPOINT_MARKER, TrainingCancelled
+    from checkpoints import CHECKPOINT_MARKER
+    from train_lora import TrainingCancelled
 
     model_dir, _, data, hp = _inputs(settings, batch_size=4, epochs=20)
     with pytest.raises(TrainingCancelled, match=r"training was cancelled at step \d+ of 80"):
