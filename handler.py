@@ -6,14 +6,20 @@
 
 ``import handler; handler.handler({"id": "…", "input": {…}})`` works from the repo root: settings are
 read from the environment on first use, not at import.
+
+RunPod is given ``async_handler``: the job runs in a worker thread while the SDK's event loop stays
+free, so a RunPod cancel (the SDK cancels the job's task) reaches us; we set a flag that training
+checks at every step, wait for it to stop with a checkpoint, and the job row says ``cancelled``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
-from functools import lru_cache
+import threading
+from functools import lru_cache, partial
 from typing import Any
 
 from pydantic import ValidationError
@@ -57,7 +63,8 @@ def _runpod_notify(job: dict[str, Any]):
     return lambda update: runpod.serverless.progress_update(job, update)
 
 
-def handler(job: dict[str, Any]) -> dict[str, Any]:
+def handler(job: dict[str, Any], cancel: threading.Event | None = None) -> dict[str, Any]:
+    """One job, synchronously. ``cancel``, once set, stops training at its next step."""
     secrets: list[str] = []
     try:
         try:
@@ -78,7 +85,7 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
 
         import pipeline  # heavy imports (torch) only once a job is valid
 
-        output = pipeline.run(request, settings, notify=_runpod_notify(job))
+        output = pipeline.run(request, settings, notify=_runpod_notify(job), cancel=cancel)
         logger.info("job %s: %s in %.1fs", request.job_id, output.get("status"),
                     output.get("timings", {}).get("total_s", 0.0))
         return output
@@ -88,9 +95,24 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
         return {"error": message}
 
 
+async def async_handler(job: dict[str, Any]) -> dict[str, Any]:
+    """RunPod's entry: ``handler`` in a thread, cancellable from the SDK's event loop."""
+    cancel = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, partial(handler, job, cancel))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        logger.warning("job %s: cancelled; stopping at the next training step", job.get("id"))
+        # The thread cannot be killed; it stops at a step boundary, saves a checkpoint, records
+        # the job as cancelled and returns. Waiting for it keeps the checkpoint whole.
+        await asyncio.wait({future})
+        raise
+
+
 if __name__ == "__main__":
     # The SDK logs each raw job payload at DEBUG, its default level: payloads can carry credentials.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     import runpod
 
-    runpod.serverless.start({"handler": handler})
+    runpod.serverless.start({"handler": async_handler})

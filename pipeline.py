@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -108,11 +109,13 @@ def _innermost_frame(exc: BaseException) -> str:
     return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
 
 
-def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None) -> dict[str, Any]:
+def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None,
+        cancel: threading.Event | None = None) -> dict[str, Any]:
     """Run one validated job; return its output or raise WorkerError.
 
     Only ``train`` writes records: a ``validate`` or ``prefetch`` sent with a training job's id must
-    not mark that job as done.
+    not mark that job as done. ``cancel``, once set (a RunPod cancel), stops training at the next
+    step with a checkpoint; the job row then says ``cancelled``.
     """
     started = time.monotonic()
     job_id = job.job_id or "job"
@@ -136,11 +139,13 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
         **owner, **({"metadata": job.metadata} if job.metadata else {}),
     })
     try:
-        output = _train(job, settings, tracker, records)
+        output = _train(job, settings, tracker, records, cancel)
     except WorkerError as exc:
+        from train_lora import TrainingCancelled
+
         try:
             records.upsert_job(job_id, {
-                "status": "failed", "stage": exc.stage,
+                "status": "cancelled" if isinstance(exc, TrainingCancelled) else "failed", "stage": exc.stage,
                 # the record is read by the app: scrubbed like the output (signed URLs, keys)
                 "error": scrub(f"{exc.stage}: {exc.message}", settings.secret_values()),
                 "finished_at": now_iso(),
@@ -234,6 +239,19 @@ def _init_adapter(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
     return init
 
 
+def _plan_memory(job: TrainingJob, resolved: ResolvedModel, tracker: Tracker):
+    """The memory plan, before any weight is loaded: a job that cannot fit fails here, in seconds."""
+    from memory_plan import plan_memory, require_fit
+    from train_lora import plan_runtime
+
+    with tracker.stage("train", "plan_s"):
+        plan = plan_memory(resolved.path, job.hyperparameters, trust_remote_code=resolved.trust_remote_code)
+        runtime = plan_runtime(job.hyperparameters, plan)
+        logger.info("memory plan: %s", plan.summary())
+        require_fit(plan)
+    return plan, runtime
+
+
 def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> dict:
     with tracker.stage("model", "resolve_s"):
         try:
@@ -244,8 +262,9 @@ def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
         _init_adapter(job, settings, tracker, located)
         shutil.rmtree(settings.jobs_root / f".{tracker.job_id}.init-adapter", ignore_errors=True)
     resolved, _, _, prepared = _prepare(job, settings, tracker, located)
+    plan, _ = _plan_memory(job, resolved, tracker)
     return {"job_id": job.job_id, "status": "valid", "base_model": resolved.to_output(),
-            "dataset": prepared.report.to_dict()}
+            "dataset": prepared.report.to_dict(), "memory_plan": plan.to_dict()}
 
 
 def _prefetch(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> dict:
@@ -254,7 +273,8 @@ def _prefetch(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
             "bytes": resolved.bytes, "seconds": round(resolved.seconds, 3)}
 
 
-def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records: Records) -> dict:
+def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records: Records,
+           cancel: threading.Event | None = None) -> dict:
     """Train, store, record — each at most once per job_id.
 
     A job delivered again goes on from the furthest finished step: a complete stored artifact is
@@ -273,8 +293,8 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
         logger.info("job %s: the trained adapter at %s is complete; storing it without training again",
                     job_id, job_dir)
     else:
-        _train_into(job, settings, tracker, job_dir)
-    for skipped in ("resolve_s", "dataset_s", "load_s", "train_s", "save_s"):
+        _train_into(job, settings, tracker, job_dir, cancel)
+    for skipped in ("resolve_s", "dataset_s", "plan_s", "load_s", "train_s", "save_s"):
         tracker.timings.setdefault(skipped, 0.0)  # the output keeps its shape when a stage was not needed
 
     if stored is None:
@@ -297,6 +317,7 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
             retryable=True) from exc
 
     shutil.rmtree(job_dir, ignore_errors=True)  # stored and recorded: the scratch copy is redundant
+    shutil.rmtree(settings.checkpoints_root / job_id, ignore_errors=True)  # and nothing is left to resume
     return _train_output(job_id, stored, record_id)
 
 
@@ -315,8 +336,9 @@ def _complete_job_folder(job_dir: Path) -> bool:
     return not problems
 
 
-def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, job_dir: Path) -> None:
-    """Resolve, prepare, train and save the job folder (adapter, report, manifests last)."""
+def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, job_dir: Path,
+                cancel: threading.Event | None = None) -> None:
+    """Resolve, prepare, plan, train and save the job folder (adapter, report, manifests last)."""
     from train_lora import train_lora
 
     job_id = tracker.job_id
@@ -324,28 +346,38 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
     located = _locate(job, settings, tracker)
     # An init adapter is verified as soon as the base is on this worker: before the data, if it is.
     init = _init_adapter(job, settings, tracker, located) if located is not None else None
-    resolved, runtime, tokenizer, prepared = _prepare(job, settings, tracker, located)
+    resolved, _, tokenizer, prepared = _prepare(job, settings, tracker, located)
     if located is None:
         init = _init_adapter(job, settings, tracker, resolved)
+    plan, runtime = _plan_memory(job, resolved, tracker)
 
     with tracker.stage("model", "stage_s"):
         load = plan_loading(resolved.path, settings.model_load_strategy, settings.local_stage_dir)
     with tracker.stage("train", "train_s"):
         if job_dir.exists():
             shutil.rmtree(job_dir)  # an earlier attempt that never finished: start clean
-        result = train_lora(
-            load.path, prepared, hp, job_dir,
+        common = dict(
+            # Kept across attempts: a re-delivered job resumes from its newest complete checkpoint.
             checkpoint_dir=settings.checkpoints_root / job_id,
-            tokenizer=tokenizer, base_model_id=resolved.id, base_revision=resolved.revision,
+            base_model_id=resolved.id, base_revision=resolved.revision,
             runtime=runtime, on_progress=tracker.on_train_progress,
-            trust_remote_code=resolved.trust_remote_code,
+            trust_remote_code=resolved.trust_remote_code, max_train_seconds=settings.max_train_seconds,
+            should_stop=cancel.is_set if cancel is not None else None,
             init_adapter=init.path if init else None,
         )
+        if plan.strategy in ("ddp", "fsdp"):  # several GPUs: one process each (launch.py)
+            from launch import train_distributed
+
+            result = train_distributed(load.path, prepared, hp, job_dir, processes=len(plan.device_bytes),
+                                       strategy=plan.strategy, tokenizer_path=resolved.path, **common)
+        else:
+            result = train_lora(load.path, prepared, hp, job_dir, tokenizer=tokenizer, **common)
     tracker.timings["load_s"] = round(tracker.timings.pop("stage_s") + result.load_seconds, 3)
     tracker.timings["train_s"] = round(result.train_seconds, 3)
 
     with tracker.stage("save", "save_s"):
-        _write_job_folder(job, resolved, prepared.report.to_dict(), result, job_dir, runtime, load, init=init)
+        _write_job_folder(job, resolved, prepared.report.to_dict(), result, job_dir, runtime, load, plan,
+                          init=init)
     shutil.rmtree(settings.jobs_root / f".{job_id}.init-adapter", ignore_errors=True)
     result.model = None  # saved: free the weights before the upload
 
@@ -376,17 +408,18 @@ def _train_output(job_id: str, stored: StoredArtifact, record_id: str) -> dict[s
         "record_id": record_id,
         "metrics": {k: metrics.get(k) for k in
                     ("train_loss", "eval_loss", "steps", "epochs", "train_tokens", "tokens_per_second",
-                     "first_loss", "last_loss")},
+                     "first_loss", "last_loss", "resumed_from_step")},
         "dataset": {k: v for k, v in report.items()
                     if k in ("examples", "eval_examples", "tokens", "trained_tokens", "truncated",
                              "dropped", "sha256")},
         "lora": {"r": peft.get("r"), "alpha": peft.get("lora_alpha"),
-                 "target_modules": peft.get("target_modules")},
+                 "target_modules": peft.get("target_modules"), "target_parameters": peft.get("target_parameters")},
+        "memory_plan": manifest.get("memory_plan"),
     }
 
 
 def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, result, job_dir: Path,
-                      runtime, load, init: adapters.InitAdapter | None = None) -> dict:
+                      runtime, load, plan, init: adapters.InitAdapter | None = None) -> dict:
     """Model card, metrics, loss curve, then the manifests, last, into the job folder."""
     from train_lora import write_training_report
 
@@ -398,7 +431,8 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
         base_model={**resolved.to_output(), "load": load.to_output()},
         peft={"peft_type": "LORA", "r": lora.get("r"), "lora_alpha": lora.get("lora_alpha"),
               "lora_dropout": lora.get("lora_dropout"), "use_rslora": lora.get("use_rslora"),
-              "target_modules": result.target_modules, "task_type": "CAUSAL_LM"},
+              "target_modules": result.target_modules, "target_parameters": result.target_parameters,
+              "task_type": "CAUSAL_LM"},
         hyperparameters=job.hyperparameters.model_dump(mode="json"),
         dataset=report,
         metrics=result.metrics,
@@ -406,6 +440,7 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     manifest_dict = manifest.to_dict()
+    manifest_dict["memory_plan"] = plan.to_dict()
     manifest_dict["runtime"] = {"device": runtime.device, "precision": runtime.precision,
                                 "quantization": runtime.quantization}
     if init is not None:

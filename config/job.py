@@ -100,7 +100,9 @@ class Hyperparameters(StrictModel):
     batch_size: int = Field(default=4, ge=1, le=512)
     gradient_accumulation_steps: int = Field(default=4, ge=1, le=1024)
     max_seq_length: int = Field(default=2048, ge=16, le=131_072)
-    packing: bool = False
+    # "auto": padding-free batches (no pad tokens, no attention across examples) where the model's
+    # layers allow it; true: bfd packing into max_seq_length rows (fewer, fuller steps); false: padded.
+    packing: Literal["auto"] | bool = "auto"
     train_on_inputs: bool = False
 
     lora_r: int = Field(default=16, ge=1, le=1024)

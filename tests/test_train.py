@@ -57,6 +57,12 @@ def test_training_moves_lora_weights_only_and_reloads_identically(settings, tmp_
             assert torch.equal(param, pristine[name]), name
 
     assert result.metrics["steps"] == 8  # 32 examples / batch 8 * 2 epochs
+    events = list((tmp_path / "job" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)  # TensorBoard next to metrics.json
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(tmp_path / "job" / "tensorboard")).Reload().Tags()["scalars"]
+    assert "train/loss" in scalars and "train/learning_rate" in scalars
     assert result.metrics["last_loss"] < result.metrics["first_loss"]
     assert result.metrics["train_tokens"] > 0
 

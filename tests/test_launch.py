@@ -1,0 +1,78 @@
+"""Several processes, one adapter: launch.py under torchrun (gloo on a CPU here, NCCL on GPUs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from config.job import TrainingJob
+from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
+from launch import train_distributed
+from tests.conftest import small_job
+from train_lora import Runtime
+
+
+def _inputs(settings, **hyperparameters):
+    job = TrainingJob.from_payload(small_job(hyperparameters=hyperparameters))
+    hp = job.hyperparameters
+    model_dir = settings.models_root / "tiny-llama"
+    tokenizer = load_tokenizer(model_dir)
+    data = tokenize_dataset(read_dataset(job.dataset, settings, seed=hp.seed), tokenizer,
+                            max_seq_length=hp.max_seq_length, train_on_inputs=False)
+    return model_dir, tokenizer, data, hp
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_one_adapter_and_report_progress(settings, tmp_path):
+    model_dir, _, data, hp = _inputs(settings, batch_size=4)
+    events = []
+    result = train_distributed(model_dir, data, hp, tmp_path / "job", processes=2, strategy="ddp",
+                               checkpoint_dir=tmp_path / "ckpt", base_model_id="org/tiny-llama",
+                               base_revision=None, runtime=Runtime("cpu", "fp32", "none", False),
+                               on_progress=events.append)
+    # 32 examples, 2 ranks × batch 4 per step: 4 steps an epoch, 2 epochs.
+    assert result.metrics["steps"] == 8
+    assert result.metrics["last_loss"] < result.metrics["first_loss"]
+    assert [e.step for e in events][-1] == 8 and events[-1].total_steps == 8
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert sorted(result.target_modules) == sorted(
+        ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
+
+
+@pytest.mark.slow
+def test_an_error_in_the_ranks_comes_back_as_the_same_worker_error(settings, tmp_path):
+    from errors import InputError
+
+    model_dir, _, data, hp = _inputs(settings, target_modules=["query_key_value"])
+    with pytest.raises(InputError, match=r"target_modules \['query_key_value'\] match no linear layer"):
+        train_distributed(model_dir, data, hp, tmp_path / "job", processes=2, strategy="ddp",
+                          checkpoint_dir=tmp_path / "ckpt", base_model_id="org/tiny-llama",
+                          base_revision=None, runtime=Runtime("cpu", "fp32", "none", False))
+
+
+@pytest.mark.gpu
+def test_all_gpus_of_this_worker_train_with_ddp(settings, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 or more CUDA GPUs")
+    model_dir, _, data, hp = _inputs(settings)
+    for strategy in ("ddp", "fsdp"):
+        result = train_distributed(model_dir, data, hp, tmp_path / strategy, processes=torch.cuda.device_count(),
+                                   strategy=strategy, checkpoint_dir=tmp_path / f"ckpt-{strategy}",
+                                   base_model_id="org/tiny-llama", base_revision=None,
+                                   runtime=Runtime("cuda", "bf16", "none", False))
+        assert result.metrics["last_loss"] < result.metrics["first_loss"], strategy
+        assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_cancel_stops_every_rank_at_the_same_step_with_a_checkpoint(settings, tmp_path):
+    from checkpoints import CHECKPOINT_MARKER
+    from train_lora import TrainingCancelled
+
+    model_dir, _, data, hp = _inputs(settings, batch_size=4, epochs=20)
+    with pytest.raises(TrainingCancelled, match=r"training was cancelled at step \d+ of 80"):
+        train_distributed(model_dir, data, hp, tmp_path / "job", processes=2, strategy="ddp",
+                          checkpoint_dir=tmp_path / "ckpt", base_model_id="org/tiny-llama",
+                          base_revision=None, runtime=Runtime("cpu", "fp32", "none", False),
+                          should_stop=lambda: True)
+    assert len(list((tmp_path / "ckpt").glob(f"checkpoint-*/{CHECKPOINT_MARKER}"))) == 1

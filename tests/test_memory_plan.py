@@ -1,0 +1,126 @@
+"""The memory plan: Qwen3-Next-80B-A3B counted from its published shape (config only, meta device)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import transformers
+
+import handler
+from config.job import TrainingJob
+from errors import TrainingError
+from memory_plan import GiB, plan_memory, require_fit, safetensors_headers
+from tests.conftest import small_job
+
+# Qwen/Qwen3-Next-80B-A3B-Instruct's config.json, the fields that set its size.
+QWEN3_NEXT_80B = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=5120, num_hidden_layers=48,
+    num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+    linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_conv_kernel_dim=4, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+    shared_expert_intermediate_size=512, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+    full_attention_interval=4,
+)
+
+
+@pytest.fixture(scope="module")
+def qwen3_next_80b(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3-next-80b")
+    transformers.Qwen3NextConfig(**QWEN3_NEXT_80B).save_pretrained(folder)  # no weights at all
+    return folder
+
+
+def hp(**overrides):
+    return TrainingJob.from_payload({"dataset": "d.jsonl", "hyperparameters": overrides}).hyperparameters
+
+
+def test_qwen3_next_80b_weights_by_group_as_bitsandbytes_stores_them(qwen3_next_80b):
+    h100 = [80 * GiB]
+    bf16 = plan_memory(qwen3_next_80b, hp(quantization="none"), cuda=True, devices=h100)
+    groups = {name: g.parameters / 1e9 for name, g in bf16.groups.items()}
+    assert bf16.parameters / 1e9 == pytest.approx(79.7, abs=0.05)
+    assert groups["routed_experts"] == pytest.approx(77.3, abs=0.05)
+    assert groups["linear_attention"] == pytest.approx(1.21, abs=0.01)
+    assert groups["embeddings"] == pytest.approx(0.62, abs=0.01)
+    assert groups["attention"] == pytest.approx(0.33, abs=0.01)
+    assert groups["shared_experts"] == pytest.approx(0.15, abs=0.01)
+    assert groups["routers"] == pytest.approx(0.05, abs=0.01)
+    assert bf16.weight_bytes / GiB == pytest.approx(148.4, abs=0.5)
+
+    q4 = plan_memory(qwen3_next_80b, hp(quantization="4bit"), cuda=True, devices=h100)
+    # Only Linear layers become 4-bit: the fused routed experts stay bf16, so it barely shrinks.
+    assert q4.groups["routed_experts"].quantized_parameters == 0
+    assert q4.groups["routed_experts"].bytes == bf16.groups["routed_experts"].bytes
+    attention = q4.groups["attention"]  # all but the q/k norms
+    assert 0.999 < attention.quantized_parameters / attention.parameters < 1
+    assert 144 < q4.weight_bytes / GiB < 147
+    assert 37 <= q4.weight_bytes_if_all_4bit / GiB < 39  # what every weight in 4-bit would take
+    assert "fused routed experts that bitsandbytes does not quantize" in q4.summary()
+    assert q4.lora_bytes == q4.lora_parameters * 8  # TRL's bf16 QLoRA adapter
+
+    # LoRA r=16 on every expert: 512 experts × 48 layers of rank-16 blocks, with AdamW state.
+    assert bf16.lora_parameters / 1e9 == pytest.approx(2.24, abs=0.01)
+    assert bf16.lora_bytes == bf16.lora_parameters * 16
+    assert bf16.activation_bytes_with_checkpointing < bf16.activation_bytes_without_checkpointing
+
+
+def test_a_job_that_cannot_fit_fails_with_figures_and_what_would(qwen3_next_80b):
+    plan = plan_memory(qwen3_next_80b, hp(), cuda=True, devices=[80 * GiB])
+    assert not plan.fits and plan.quantization == "none"
+    with pytest.raises(TrainingError) as info:
+        require_fit(plan)
+    message = str(info.value)
+    assert message.startswith("this job does not fit on 1 GPU(s) of 80 GiB: qwen3_next needs about ")
+    assert "weights 148.4 GiB" in message and "what would fit: " in message
+    assert "GPUs of 80 GiB with FSDP in bf16" in message
+
+    four = plan_memory(qwen3_next_80b, hp(), cuda=True, devices=[80 * GiB] * 4)
+    assert four.fits and four.strategy == "fsdp" and four.quantization == "none"
+    assert four.per_device_bytes < 80 * GiB * 0.92
+
+
+def test_auto_quantization_picks_none_if_it_fits_else_4bit_else_reports(model_factory):
+    from memory_plan import _quantized_bytes
+
+    dense = model_factory("llama")
+    roomy = plan_memory(dense, hp(), cuda=True, devices=[80 * GiB])
+    assert roomy.fits and roomy.quantization == "none" and roomy.strategy == "single"
+    # A GPU just too small for 16-bit weights but big enough for 4-bit ones.
+    need_bf16 = roomy.per_device_bytes
+    tight = roomy.per_device_bytes - roomy.weight_bytes + sum(
+        _quantized_bytes(g.parameters, 1, "4bit") for g in roomy.groups.values()) + 200_000
+    small = int(max(tight, need_bf16 - 100_000) / 0.92)
+    if small * 0.92 >= need_bf16:
+        pytest.skip("tiny model: 4-bit saves too little to separate the cases")
+    plan = plan_memory(dense, hp(), cuda=True, devices=[small])
+    assert plan.fits and plan.quantization == "4bit"
+    assert plan_memory(dense, hp(), cuda=False, devices=[64 * GiB]).quantization == "none"  # never on CPU
+
+
+def test_headers_are_read_without_the_weights(model_factory):
+    folder = model_factory("qwen3_next")
+    headers = safetensors_headers(folder)
+    assert headers["model.layers.0.mlp.experts.0.gate_proj.weight"] == ("F32", [32, 64])
+    plan = plan_memory(folder, hp(), cuda=False, devices=[8 * GiB])
+    assert plan.stored_bytes == sum(f.stat().st_size for f in folder.glob("*.safetensors")) - sum(
+        8 + int.from_bytes(f.read_bytes()[:8], "little") for f in folder.glob("*.safetensors"))
+    assert plan.fits and plan.device == "cpu"
+
+
+def test_the_plan_is_in_the_output_and_a_too_big_job_fails_in_seconds(volume, monkeypatch):
+    import memory_plan
+    import train_lora
+
+    output = handler.handler({"id": "p", "input": small_job(job_id="planned")})
+    assert output["memory_plan"]["fits"] is True and output["memory_plan"]["device"] == "cpu"
+    assert output["memory_plan"]["parameters"] > 0 and output["memory_plan"]["lora_parameters"] > 0
+
+    monkeypatch.setattr(memory_plan, "detect_devices", lambda: (False, [1024**2]))  # a 1 MiB machine
+    monkeypatch.setattr(train_lora, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    started = time.monotonic()
+    failed = handler.handler({"id": "p2", "input": small_job(job_id="too-big")})
+    assert failed["error"].startswith("train: this job does not fit on 0 GiB of RAM (no GPU): ")
+    assert time.monotonic() - started < 30
+    assert json.dumps(failed).count("GiB") >= 3
