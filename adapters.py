@@ -264,13 +264,6 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
         raise
 
 
-def write_manifest(folder: str | Path, manifest: Manifest) -> Manifest:
-    """Hash every file in ``folder`` and write manifest.json last, atomically."""
-    manifest.files = describe_files(folder)
-    write_json_atomic(Path(folder) / MANIFEST_NAME, manifest.to_dict())
-    return manifest
-
-
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():

@@ -65,6 +65,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from config.settings import WorkerSettings
+    from errors import scrub
     from storage.records import open_records
 
     records = open_records(WorkerSettings())
@@ -72,7 +73,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if row is None:
         print(f"no record of job {args.job_id}", file=sys.stderr)
         return 1
-    _print({"job": row, "artifact": records.get_artifact(args.job_id)})
+    artifact = records.get_artifact(args.job_id)
+    if artifact and artifact.get("download_urls"):
+        # Presigned URLs are bearer credentials: say they exist, never print their signatures.
+        artifact["download_urls"] = {name: scrub(url) for name, url in artifact["download_urls"].items()}
+    _print({"job": row, "artifact": artifact})
     return 0
 
 

@@ -70,7 +70,9 @@ class RecordError(WorkerError):
 import logging  # noqa: E402  (kept below the taxonomy, which is what most readers look for)
 import re  # noqa: E402
 
-_URL_QUERY = re.compile(r"((?:https?|s3)://[^\s?#'\"<>]+)\?[^\s'\"<>]*")
+_URL_QUERY = re.compile(r"((?:https?|s3)://[^\s?#'\"<>]+)\?[^\s'\"<>]+")
+# A request line as HTTP libraries log it ("GET /object/sign/x.jsonl?token=…"): a path, no scheme.
+_PATH_QUERY = re.compile(r"((?:^|(?<=[\s'\"(]))/[^\s?#'\"<>]*)\?[^\s'\"<>]+")
 _PATTERNS = (
     (re.compile(r"\bhf_[A-Za-z0-9]{16,}"), "hf_<redacted>"),
     (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), "<redacted-jwt>"),
@@ -83,6 +85,7 @@ _PATTERNS = (
 def scrub(text: str, secrets: tuple[str, ...] | list[str] = ()) -> str:
     """Remove URL query strings (signed URLs), known secret values and token-shaped strings."""
     text = _URL_QUERY.sub(r"\1?<redacted>", str(text))
+    text = _PATH_QUERY.sub(r"\1?<redacted>", text)
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "<redacted>")

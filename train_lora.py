@@ -148,11 +148,6 @@ def _linear_leaves(model) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
 
 
-def find_target_modules(model, requested: str | list[str]) -> list[str]:
-    """The leaf names of the linear layers LoRA adapts; explicit names are checked against the model."""
-    return resolve_targets(model, requested).modules
-
-
 def resolve_targets(model, requested: str | list[str]) -> Targets:
     """What LoRA adapts: linear projections, plus fused expert weights for mixture-of-experts models.
 

@@ -13,7 +13,7 @@ from config.job import TrainingJob
 from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
 from errors import InputError
 from tests.conftest import small_job
-from train_lora import EXCLUDED_MODULES, find_target_modules, plan_runtime, train_lora
+from train_lora import EXCLUDED_MODULES, plan_runtime, resolve_targets, train_lora
 
 
 class Snapshot(TrainerCallback):
@@ -84,10 +84,10 @@ def test_training_moves_lora_weights_only_and_reloads_identically(settings, tmp_
 
 def test_auto_targets_are_projections_not_heads_or_routers(tiny_llama, model_factory):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    assert find_target_modules(model, "auto") == [
+    assert resolve_targets(model, "auto").modules == [
         "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     moe = AutoModelForCausalLM.from_pretrained(model_factory("qwen3_next"))
-    chosen = find_target_modules(moe, "auto")
+    chosen = resolve_targets(moe, "auto").modules
     assert not set(chosen) & EXCLUDED_MODULES
     assert {"q_proj", "o_proj", "out_proj"} <= set(chosen)
 
@@ -95,7 +95,7 @@ def test_auto_targets_are_projections_not_heads_or_routers(tiny_llama, model_fac
 def test_explicit_targets_that_match_nothing_list_what_exists(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     with pytest.raises(InputError) as info:
-        find_target_modules(model, ["q_proj", "query_key_value"])
+        resolve_targets(model, ["q_proj", "query_key_value"])
     assert "['query_key_value']" in str(info.value) and "q_proj" in str(info.value)
 
 
