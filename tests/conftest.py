@@ -218,3 +218,20 @@ def postgres_db(postgres_server, request) -> str:
     with psycopg.connect(postgres_server.dsn(), autocommit=True) as db:
         db.execute(f'CREATE DATABASE "{name}"')
     return postgres_server.dsn(name)
+
+
+def assert_adapter_reloads_identically(model, model_dir: Path, adapter_dir: Path, tokenizer) -> None:
+    """The saved adapter, loaded onto a fresh base, gives the trained model's logits; the base alone differs."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = tokenizer("The capital of Peru is Lima.", return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        trained = model(**ids).logits
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
+                                             str(adapter_dir)).eval()(**ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()(**ids).logits
+    torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, trained, atol=1e-3), "the adapter changed nothing"

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from config.job import TrainingJob
 from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
 from errors import InputError
-from tests.conftest import small_job
+from tests.conftest import assert_adapter_reloads_identically, small_job
 from train_lora import EXCLUDED_MODULES, plan_runtime, resolve_targets, train_lora
 
 
@@ -71,15 +70,7 @@ def test_training_moves_lora_weights_only_and_reloads_identically(settings, tmp_
     assert config["revision"] == "abc123"
     assert sorted(config["target_modules"]) == sorted(result.target_modules)
 
-    ids = tokenizer("The capital of Peru is Lima.", return_tensors="pt")
-    model.eval()
-    with torch.no_grad():
-        trained = model(**ids).logits
-        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
-                                             str(result.adapter_dir)).eval()(**ids).logits
-        plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()(**ids).logits
-    torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(plain, trained, atol=1e-3), "the adapter changed nothing"
+    assert_adapter_reloads_identically(model, model_dir, result.adapter_dir, tokenizer)
 
 
 def test_auto_targets_are_projections_not_heads_or_routers(tiny_llama, model_factory):

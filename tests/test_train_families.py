@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -18,7 +17,7 @@ from config.job import TrainingJob
 from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
 from demo.tiny_models import FAMILIES
 from errors import InputError
-from tests.conftest import small_job
+from tests.conftest import assert_adapter_reloads_identically, small_job
 from train_lora import Targets, lora_dropout_for, plan_batching, resolve_targets, train_lora
 
 
@@ -60,15 +59,7 @@ def test_each_family_trains_only_lora_and_reloads(family, model_factory, setting
             assert not param.requires_grad, name
             assert torch.equal(param.detach(), snapshot.before[name]), f"base weight {name} changed"
 
-    ids = tokenizer("The capital of Peru is Lima.", return_tensors="pt")
-    model.eval()
-    with torch.no_grad():
-        trained = model(**ids).logits
-        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
-                                             str(result.adapter_dir)).eval()(**ids).logits
-        plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()(**ids).logits
-    torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(plain, trained, atol=1e-3), "the adapter changed nothing"
+    assert_adapter_reloads_identically(model, model_dir, result.adapter_dir, tokenizer)
 
 
 def test_qwen3_next_adapter_covers_attention_linear_attention_and_experts_not_routers(
