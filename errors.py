@@ -7,6 +7,9 @@ them ``from`` the cause; ``handler.py`` is the one place that turns them into ou
 
 from __future__ import annotations
 
+import logging
+import re
+
 
 class WorkerError(Exception):
     """Base class: a failure with a stage and a message a user can act on."""
@@ -67,8 +70,6 @@ class RecordError(WorkerError):
 # --------------------------------------------------------------------------------------------------
 # Scrubbing: nothing secret leaves the process in an error, an output or a log line.
 
-import logging  # noqa: E402  (kept below the taxonomy, which is what most readers look for)
-import re  # noqa: E402
 
 _URL_QUERY = re.compile(r"((?:https?|s3)://[^\s?#'\"<>]+)\?[^\s'\"<>]+")
 # A request line as HTTP libraries log it ("GET /object/sign/x.jsonl?token=…"): a path, no scheme.

@@ -208,21 +208,23 @@ def _locate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> Res
 
 
 def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resolved: ResolvedModel | None):
-    """Read the data (cheap, no tokenizer), check the runtime, fetch the model if needed, tokenize."""
+    """Read the data (cheap, no tokenizer), check the request against this machine (e.g. 4-bit without
+    CUDA) before any download, fetch the model if needed, tokenize. The runtime itself comes from
+    the memory plan later."""
     from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
     from train_lora import plan_runtime
 
     hp = job.hyperparameters
     with tracker.stage("dataset", "dataset_s"):
         raw = read_dataset(job.dataset, settings, seed=hp.seed)
-    runtime = plan_runtime(hp)
+    plan_runtime(hp)
     if resolved is None:
         resolved = _resolve(job, settings, tracker)  # the download: counted in resolve_s
     with tracker.stage("dataset", "dataset_s"):
         tokenizer = load_tokenizer(resolved.path, resolved.trust_remote_code)
         prepared = tokenize_dataset(raw, tokenizer, max_seq_length=hp.max_seq_length,
                                     train_on_inputs=hp.train_on_inputs)
-    return resolved, runtime, tokenizer, prepared
+    return resolved, tokenizer, prepared
 
 
 def _init_adapter(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
@@ -261,7 +263,7 @@ def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
     if located.source != "hub_metadata":  # an init adapter is checked against the base's weight shapes
         _init_adapter(job, settings, tracker, located)
         shutil.rmtree(settings.jobs_root / f".{tracker.job_id}.init-adapter", ignore_errors=True)
-    resolved, _, _, prepared = _prepare(job, settings, tracker, located)
+    resolved, _, prepared = _prepare(job, settings, tracker, located)
     plan, _ = _plan_memory(job, resolved, tracker)
     return {"job_id": job.job_id, "status": "valid", "base_model": resolved.to_output(),
             "dataset": prepared.report.to_dict(), "memory_plan": plan.to_dict()}
@@ -346,7 +348,7 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
     located = _locate(job, settings, tracker)
     # An init adapter is verified as soon as the base is on this worker: before the data, if it is.
     init = _init_adapter(job, settings, tracker, located) if located is not None else None
-    resolved, _, tokenizer, prepared = _prepare(job, settings, tracker, located)
+    resolved, tokenizer, prepared = _prepare(job, settings, tracker, located)
     if located is None:
         init = _init_adapter(job, settings, tracker, resolved)
     plan, runtime = _plan_memory(job, resolved, tracker)
