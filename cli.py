@@ -101,14 +101,15 @@ def _s3_settings(refs: list[str]):
 
 def _checked_pair(args: argparse.Namespace, workdir: Path):
     """Verify the pair; print the verdict to stderr; return it (None: it does not fit → exit 3)."""
-    import adapters
+    from adapters.fetch import check_pair
+    from adapters.verify import COMPATIBLE
 
-    verdict, adapter, base = adapters.check_pair(args.adapter, args.base, workdir, revision=args.revision,
+    verdict, adapter, base = check_pair(args.adapter, args.base, workdir, revision=args.revision,
                                                  settings=_s3_settings(args.adapter))
     if verdict.exit_code(args.strict) != 0:
         print(verdict.render(), file=sys.stderr)
         return None
-    if verdict.status != adapters.COMPATIBLE:
+    if verdict.status != COMPATIBLE:
         print(verdict.render(), file=sys.stderr)
     return verdict, adapter, base
 
@@ -138,9 +139,9 @@ def _pair_command(func):
 
 @_pair_command
 def cmd_verify(args: argparse.Namespace, workdir: Path) -> int:
-    import adapters
+    from adapters.fetch import check_pair
 
-    verdict, _, _ = adapters.check_pair(args.adapter, args.base, workdir, revision=args.revision,
+    verdict, _, _ = check_pair(args.adapter, args.base, workdir, revision=args.revision,
                                         settings=_s3_settings(args.adapter))
     if args.json:
         _print(verdict.to_dict(args.strict))
@@ -151,14 +152,14 @@ def cmd_verify(args: argparse.Namespace, workdir: Path) -> int:
 
 @_pair_command
 def cmd_apply(args: argparse.Namespace, workdir: Path) -> int:
-    import adapters
+    from adapters.apply import generate, load_adapted
 
     checked = _checked_pair(args, workdir)
     if checked is None:
         return 3
     _, adapter, base = checked
-    model, tokenizer = adapters.load_adapted(adapter.folder, base.folder, device=args.device, dtype=args.dtype)
-    out = adapters.generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+    model, tokenizer = load_adapted(adapter.folder, base.folder, device=args.device, dtype=args.dtype)
+    out = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                             chat=False if args.no_chat_template else None, temperature=args.temperature,
                             seed=args.seed)
     if args.json:
@@ -170,7 +171,7 @@ def cmd_apply(args: argparse.Namespace, workdir: Path) -> int:
 
 @_pair_command
 def cmd_merge(args: argparse.Namespace, workdir: Path) -> int:
-    import adapters
+    from adapters.apply import merge_adapter
 
     out = Path(args.out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -182,7 +183,7 @@ def cmd_merge(args: argparse.Namespace, workdir: Path) -> int:
     verdict, adapter, base = checked
     if out.is_dir():
         out.rmdir()  # empty: the merged model is renamed into its place
-    manifest = adapters.merge_adapter(adapter, base, out, verdict, dtype=args.dtype)
+    manifest = merge_adapter(adapter, base, out, verdict, dtype=args.dtype)
     _print({"out": str(out), "verdict": verdict.status, "files": manifest["files"]})
     return 0
 

@@ -113,3 +113,7 @@ class ScrubFilter(logging.Filter):
             record.msg = f"{record.getMessage()} ({type(exc).__name__}: {scrub(str(exc), self.secrets)})"
             record.args, record.exc_info, record.exc_text = (), None, None
         return True
+
+
+class TrainingCancelled(TrainingError):
+    """The job was cancelled (RunPod cancel): training stopped at a step boundary, checkpoint kept."""

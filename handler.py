@@ -83,9 +83,15 @@ def handler(job: dict[str, Any], cancel: threading.Event | None = None) -> dict[
         request = TrainingJob.from_payload(job.get("input"), default_job_id=job.get("id"))
         logger.info("job %s: %s %s", request.job_id, request.action, request.base_model or "(default model)")
 
-        import pipeline  # heavy imports (torch) only once a job is valid
+        # heavy imports (torch) only once a job is valid
+        if request.action == "selftest":
+            import selftest
 
-        output = pipeline.run(request, settings, notify=_runpod_notify(job), cancel=cancel)
+            output = selftest.run_selftest(settings, _runpod_notify(job))
+        else:
+            import pipeline
+
+            output = pipeline.run(request, settings, notify=_runpod_notify(job), cancel=cancel)
         logger.info("job %s: %s in %.1fs", request.job_id, output.get("status"),
                     output.get("timings", {}).get("total_s", 0.0))
         return output

@@ -19,12 +19,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import adapters
+from adapters.init import InitAdapter, prepare_init_adapter
+from adapters.manifest import (
+    Manifest,
+    library_versions,
+    read_manifest,
+    render_model_card,
+)
 from config.job import TrainingJob
 from config.settings import WorkerSettings
 from errors import TrainingError, WorkerError, scrub
-from model_resolver import ModelNotCached, ResolvedModel, fetch_metadata, probe_missing, resolve_model
-from model_staging import plan_loading
+from files import MANIFEST_NAME, describe_files, verify_files, write_json_atomic
+from model_resolver import (
+    ModelNotCached,
+    ResolvedModel,
+    fetch_metadata,
+    probe_missing,
+    resolve_model,
+)
+from models.staging import plan_loading
 from storage.artifacts import StoredArtifact, open_artifact_store
 from storage.records import Records, now_iso, open_records
 
@@ -123,10 +136,6 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
         return _validate(job, settings, Tracker(job_id, None, notify, settings.progress_interval_s))
     if job.action == "prefetch":
         return _prefetch(job, settings, Tracker(job_id, None, notify, settings.progress_interval_s))
-    if job.action == "selftest":
-        from selftest import run_selftest
-
-        return run_selftest(settings, notify)
 
     records = open_records(settings)
     tracker = Tracker(job_id, records, notify, settings.progress_interval_s)
@@ -141,7 +150,7 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
     try:
         output = _train(job, settings, tracker, records, cancel)
     except WorkerError as exc:
-        from train_lora import TrainingCancelled
+        from errors import TrainingCancelled
 
         try:
             records.upsert_job(job_id, {
@@ -212,7 +221,7 @@ def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resol
     CUDA) before any download, fetch the model if needed, tokenize. The runtime itself comes from
     the memory plan later."""
     from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
-    from train_lora import plan_runtime
+    from training.runtime import plan_runtime
 
     hp = job.hyperparameters
     with tracker.stage("dataset", "dataset_s"):
@@ -228,12 +237,12 @@ def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resol
 
 
 def _init_adapter(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
-                  resolved: ResolvedModel) -> adapters.InitAdapter | None:
+                  resolved: ResolvedModel) -> InitAdapter | None:
     """The adapter to continue from, fetched and verified against the base before any weight loads."""
     if not job.init_adapter:
         return None
     with tracker.stage("model", "resolve_s"):
-        init = adapters.prepare_init_adapter(job.init_adapter, resolved.path,
+        init = prepare_init_adapter(job.init_adapter, resolved.path,
                                              settings.jobs_root / f".{tracker.job_id}.init-adapter",
                                              settings, job.hyperparameters)
     for warning in init.warnings:
@@ -243,8 +252,8 @@ def _init_adapter(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
 
 def _plan_memory(job: TrainingJob, resolved: ResolvedModel, tracker: Tracker):
     """The memory plan, before any weight is loaded: a job that cannot fit fails here, in seconds."""
-    from memory_plan import plan_memory, require_fit
-    from train_lora import plan_runtime
+    from training.memory_plan import plan_memory, require_fit
+    from training.runtime import plan_runtime
 
     with tracker.stage("train", "plan_s"):
         plan = plan_memory(resolved.path, job.hyperparameters, trust_remote_code=resolved.trust_remote_code)
@@ -326,10 +335,10 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
 def _complete_job_folder(job_dir: Path) -> bool:
     """Whether an earlier delivery left a finished job folder: its manifest is there and verifies."""
     try:
-        manifest = adapters.read_manifest(job_dir)
-        if manifest is None or adapters.read_manifest(job_dir / "adapter") is None:
+        manifest = read_manifest(job_dir)
+        if manifest is None or read_manifest(job_dir / "adapter") is None:
             return False
-        problems = adapters.verify_files(job_dir, manifest)
+        problems = verify_files(job_dir, manifest)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("job folder %s is unreadable (%s); training again", job_dir, exc)
         return False
@@ -368,7 +377,7 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
             init_adapter=init.path if init else None,
         )
         if plan.strategy in ("ddp", "fsdp"):  # several GPUs: one process each (launch.py)
-            from launch import train_distributed
+            from training.launch import train_distributed
 
             result = train_distributed(load.path, prepared, hp, job_dir, processes=len(plan.device_bytes),
                                        strategy=plan.strategy, tokenizer_path=resolved.path, **common)
@@ -421,14 +430,14 @@ def _train_output(job_id: str, stored: StoredArtifact, record_id: str) -> dict[s
 
 
 def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, result, job_dir: Path,
-                      runtime, load, plan, init: adapters.InitAdapter | None = None) -> dict:
+                      runtime, load, plan, init: InitAdapter | None = None) -> dict:
     """Model card, metrics, loss curve, then the manifests, last, into the job folder."""
-    from train_lora import write_training_report
+    from training.report import write_training_report
 
     if not any(result.adapter_dir.glob("adapter_model.*")):
         raise TrainingError(f"training finished but no adapter weights were saved in {result.adapter_dir}")
     lora = result.lora_config
-    manifest = adapters.Manifest(
+    manifest = Manifest(
         job_id=job.job_id or "",
         base_model={**resolved.to_output(), "load": load.to_output()},
         peft={"peft_type": "LORA", "r": lora.get("r"), "lora_alpha": lora.get("lora_alpha"),
@@ -438,7 +447,7 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
         hyperparameters=job.hyperparameters.model_dump(mode="json"),
         dataset=report,
         metrics=result.metrics,
-        versions=adapters.library_versions(),
+        versions=library_versions(),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     manifest_dict = manifest.to_dict()
@@ -447,13 +456,13 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
                                 "quantization": runtime.quantization}
     if init is not None:
         manifest_dict["init_adapter"] = init.to_manifest()  # what this adapter continued from
-    (result.adapter_dir / "README.md").write_text(adapters.render_model_card(manifest_dict))
+    (result.adapter_dir / "README.md").write_text(render_model_card(manifest_dict))
     write_training_report(result, job_dir)
     # The adapter's own manifest lists the adapter's files; the job's lists the whole folder.
-    adapter_manifest = {**manifest_dict, "files": adapters.describe_files(result.adapter_dir)}
-    adapters.write_json_atomic(result.adapter_dir / adapters.MANIFEST_NAME, _jsonable(adapter_manifest))
-    job_manifest = {**manifest_dict, "files": adapters.describe_files(job_dir)}
-    adapters.write_json_atomic(job_dir / adapters.MANIFEST_NAME, _jsonable(job_manifest))
+    adapter_manifest = {**manifest_dict, "files": describe_files(result.adapter_dir)}
+    write_json_atomic(result.adapter_dir / MANIFEST_NAME, _jsonable(adapter_manifest))
+    job_manifest = {**manifest_dict, "files": describe_files(job_dir)}
+    write_json_atomic(job_dir / MANIFEST_NAME, _jsonable(job_manifest))
     return _jsonable(adapter_manifest)
 
 

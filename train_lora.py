@@ -10,400 +10,52 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from checkpoints import CHECKPOINT_MARKER, CheckpointKeeper, find_resume_checkpoint, run_signature, step_of  # noqa: F401
 from config.job import Hyperparameters
 from dataset_loader import PreparedDataset
-from errors import InputError, ModelError, TrainingError
+from errors import TrainingCancelled, TrainingError, WorkerError
+from training.callbacks import (
+    ProgressCallback,
+    ProgressEvent,
+    StopControl,
+    tensorboard_callback,
+)
+from training.checkpoints import (
+    CheckpointKeeper,
+    find_resume_checkpoint,
+    run_signature,
+    step_of,
+)
+from training.launch import PROGRESS_PREFIX, RESULT_NAME
+from training.loading import load_base_model
+from training.result import TrainResult
+from training.runtime import Runtime, plan_runtime
+from training.sft_config import plan_batching
+from training.targets import Targets, lora_dropout_for, resolve_targets
 
 logger = logging.getLogger(__name__)
-
-# Never adapted by "auto": output head, embeddings, and mixture-of-experts routers, whose adapters
-# would change which experts run rather than what they compute.
-EXCLUDED_MODULES = frozenset({"lm_head", "embed_tokens", "gate", "shared_expert_gate", "router",
-                              "score", "classifier"})
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    step: int
-    total_steps: int
-    loss: float | None
-    learning_rate: float | None
-    epoch: float | None
-    tokens_per_second: float | None
-    eta_s: float | None
-
-
-@dataclass
-class TrainResult:
-    adapter_dir: Path
-    metrics: dict[str, Any]
-    target_modules: list[str]
-    lora_config: dict[str, Any]
-    log_history: list[dict[str, Any]] = field(default_factory=list)
-    precision: str = "fp32"
-    device: str = "cpu"
-    load_seconds: float = 0.0
-    train_seconds: float = 0.0
-    model: Any = field(default=None, repr=False)  # the trained PeftModel, for callers that evaluate it
-    target_parameters: list[str] = field(default_factory=list)  # fused expert weights adapted
-
-
-class TrainingCancelled(TrainingError):
-    """The job was cancelled (RunPod cancel): training stopped at a step boundary, checkpoint kept."""
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how training runs: decided once, before any weight is loaded."""
-
-    device: str  # cpu | cuda
-    precision: str  # fp32 | bf16 | fp16
-    quantization: str  # none | 8bit | 4bit
-    gradient_checkpointing: bool
-
-
-def plan_runtime(hp: Hyperparameters, memory_plan=None) -> Runtime:
-    """Check the request against this machine; raise InputError before any load if it cannot run.
-
-    ``quantization: auto`` takes the memory plan's choice (none when the model fits in 16 bits, else
-    4-bit), and is always none on a CPU.
-    """
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if hp.quantization in ("4bit", "8bit") and not cuda:
-        raise InputError(
-            f"hyperparameters.quantization '{hp.quantization}' needs a CUDA GPU (bitsandbytes); this "
-            "worker has none. Use 'auto' or 'none'"
-        )
-    if hp.quantization != "auto":
-        quantization = hp.quantization
-    elif memory_plan is not None and cuda:
-        quantization = memory_plan.quantization
-    else:
-        quantization = "none"
-    if cuda:
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    else:
-        precision = "fp32"
-    checkpointing = cuda if hp.gradient_checkpointing == "auto" else bool(hp.gradient_checkpointing)
-    return Runtime("cuda" if cuda else "cpu", precision, quantization, checkpointing)
 
 
 # --------------------------------------------------------------------------------------------------
 # what LoRA adapts
 
 
-@dataclass(frozen=True)
-class Targets:
-    """Linear layers LoRA wraps (by leaf name) and fused expert weights it wraps as parameters."""
-
-    modules: list[str]
-    parameters: list[str] = field(default_factory=list)
-
-    @property
-    def names(self) -> list[str]:
-        return [*self.modules, *self.parameters]
-
-
-def _generic_name(module_path: str) -> str:
-    """'model.layers.7.mlp.experts' → 'mlp.experts': the same name in every layer."""
-    import re
-
-    return re.sub(r"^.*?\.\d+\.", "", module_path)
-
-
-def fused_expert_parameters(model) -> list[str]:
-    """The 3-D routed-expert weights (transformers 5 fuses each layer's experts into one parameter).
-
-    Returned as 'mlp.experts.gate_up_proj'-style names for peft's ``target_parameters``. Convolutions
-    (linear attention's short conv is 3-D too) and anything outside an experts module are ignored.
-    """
-    import torch.nn as nn
-
-    found: set[str] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if "expert" not in type(module).__name__.lower() and leaf != "experts":
-            continue
-        for pname, param in module.named_parameters(recurse=False):
-            if param.ndim == 3:
-                found.add(f"{_generic_name(name)}.{pname}")
-    return sorted(found)
-
-
-def _linear_leaves(model) -> set[str]:
-    import torch.nn as nn
-
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-
-
-def resolve_targets(model, requested: str | list[str]) -> Targets:
-    """What LoRA adapts: linear projections, plus fused expert weights for mixture-of-experts models.
-
-    ``auto``: every linear layer but heads, embeddings and routers, and the fused routed experts.
-    ``all-linear``: the linear layers only. A list: each name is a linear layer's leaf name or a fused
-    expert parameter ('gate_up_proj', 'experts.down_proj' or 'mlp.experts.down_proj').
-    """
-    linear = _linear_leaves(model)
-    fused = fused_expert_parameters(model)
-    if requested in ("auto", "all-linear"):
-        modules = sorted(linear - EXCLUDED_MODULES)
-        parameters = fused if requested == "auto" else []
-        if not modules and not parameters:
-            raise ModelError("the model has no linear projection layers for LoRA to adapt")
-        return Targets(modules, parameters)
-    modules, parameters, missing = [], [], []
-    for name in requested:
-        matches = [p for p in fused if p == name or p.endswith("." + name)]
-        if name in linear:
-            modules.append(name)
-        elif matches:
-            parameters.extend(m for m in matches if m not in parameters)
-        else:
-            missing.append(name)
-    if missing:
-        fused_text = f"; fused expert weights: {', '.join(fused)}" if fused else ""
-        raise InputError(
-            f"hyperparameters.target_modules {missing} match no linear layer or expert weight of this "
-            f"model; it has linear layers: {', '.join(sorted(linear))}{fused_text}"
-        )
-    return Targets(modules, parameters)
-
-
-def lora_dropout_for(hp: Hyperparameters, targets: Targets) -> float:
-    """peft cannot apply dropout inside a fused expert weight (its ParamWrapper refuses any).
-
-    The default dropout gives way to 0 there, and says so; a dropout the user asked for is an error.
-    """
-    if not targets.parameters or hp.lora_dropout == 0:
-        return hp.lora_dropout
-    if "lora_dropout" in hp.model_fields_set:
-        raise InputError(
-            f"hyperparameters.lora_dropout must be 0 when fused expert weights "
-            f"({', '.join(targets.parameters)}) are adapted: peft's LoRA on parameters has no dropout; "
-            f"got {hp.lora_dropout}. Set lora_dropout to 0, or list target_modules without the experts"
-        )
-    logger.info("lora_dropout 0 instead of the default %g: fused expert weights are adapted",
-                hp.lora_dropout)
-    return 0.0
-
-
 # --------------------------------------------------------------------------------------------------
 # batching
-
-
-def has_recurrent_layers(config) -> bool:
-    """Linear attention / state-space layers carry state along the sequence, across packed examples."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    attention = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
-    return any(kind not in attention for kind in (getattr(text, "layer_types", None) or []))
-
-
-def plan_batching(hp: Hyperparameters, config) -> str:
-    """'packed' (bfd packing), 'padding_free' (one flat row per batch) or 'padded'.
-
-    Both unpadded forms pass position ids restarting at 0 per example and no attention mask, so
-    attention never crosses examples. A linear-attention layer's recurrent state would, on the
-    reference kernels (they ignore sequence boundaries), so such models are padded.
-    """
-    recurrent = has_recurrent_layers(config)
-    if hp.packing is True:
-        if recurrent:
-            raise InputError(
-                f"hyperparameters.packing true is not supported for {config.model_type}: its linear-"
-                "attention layers would carry state from one packed example into the next; set packing "
-                "to false or 'auto'"
-            )
-        return "packed"
-    if hp.packing == "auto" and not recurrent:
-        return "padding_free"
-    return "padded"
 
 
 # --------------------------------------------------------------------------------------------------
 # loading
 
 
-def quiet_progress_bars() -> None:
-    """tqdm bars are carriage-return noise in a worker's log; progress is logged per step instead."""
-    import datasets
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-
-
-def quantization_config(quantization: str, compute_dtype):
-    """bitsandbytes settings: NF4 with double quantization (QLoRA), or LLM.int8."""
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool = False):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    quiet_progress_bars()
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[runtime.precision]
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if runtime.quantization != "none":
-        kwargs["quantization_config"] = quantization_config(runtime.quantization, dtype)
-        # bitsandbytes quantizes while placing: the whole model on this process's device.
-        kwargs["device_map"] = {"": _local_device(runtime)}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load the base model from {model_path}: {exc}") from exc
-    if runtime.quantization != "none":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=runtime.gradient_checkpointing
-        )
-    model.config.use_cache = False  # caches are for generation; they waste memory in training
-    return model
-
-
-def _local_device(runtime: Runtime):
-    if runtime.device != "cuda":
-        return "cpu"
-    return int(os.environ.get("LOCAL_RANK", "0"))  # accelerate sets it per process; 0 when alone
-
-
 # --------------------------------------------------------------------------------------------------
 # the training loop's hooks
-
-
-class _ProgressCallback:
-    """Forwards the trainer's logs to ``on_progress`` and stops on a non-finite loss."""
-
-    def __init__(self, on_progress: Callable[[ProgressEvent], None] | None):
-        from transformers import TrainerCallback
-
-        outer = self
-
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                outer.started = time.monotonic()
-                # A resumed run starts at its checkpoint's step: speed and ETA count this run only.
-                outer.start_step = state.global_step
-                outer.start_tokens = getattr(state, "num_input_tokens_seen", 0) or 0
-
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                outer.handle_log(state, control, logs or {})
-
-        self.callback = Callback()
-        self.on_progress = on_progress
-        self.started = time.monotonic()
-        self.start_step = 0
-        self.start_tokens = 0
-        self.bad_loss: tuple[int, float] | None = None
-
-    def handle_log(self, state, control, logs: dict[str, Any]) -> None:
-        loss = logs.get("loss")
-        grad_norm = logs.get("grad_norm")
-        if loss is not None and not math.isfinite(loss):
-            self.bad_loss = (state.global_step, loss)
-        elif grad_norm is not None and not math.isfinite(grad_norm):
-            self.bad_loss = (state.global_step, float("nan"))  # NaN gradients have poisoned the weights
-        if self.bad_loss is not None:
-            control.should_training_stop = True
-            control.should_save = False  # a checkpoint of broken weights is worth nothing
-        if loss is None or self.on_progress is None:
-            return
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        step, total = state.global_step, state.max_steps
-        tokens = (getattr(state, "num_input_tokens_seen", 0) or 0) - self.start_tokens
-        done = step - self.start_step
-        eta = elapsed / done * (total - step) if done > 0 else None
-        self.on_progress(ProgressEvent(
-            step=step, total_steps=total, loss=float(loss), learning_rate=logs.get("learning_rate"),
-            epoch=logs.get("epoch"), tokens_per_second=tokens / elapsed if tokens > 0 else None, eta_s=eta,
-        ))
-
-
-class _StopControl:
-    """Stops at the next step boundary, with a checkpoint, on a cancel or when the time is up."""
-
-    def __init__(self, max_seconds: float | None, should_stop: Callable[[], bool] | None):
-        from transformers import TrainerCallback
-
-        outer = self
-
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                outer.started = time.monotonic()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                outer.check(state, control, args.device)
-
-        self.callback = Callback()
-        self.max_seconds = max_seconds
-        self.should_stop = should_stop
-        self.started = time.monotonic()
-        self.reason: str | None = None
-        self.step = 0
-
-    def check(self, state, control, device=None) -> None:
-        if self.should_stop is not None and self.should_stop():
-            self.reason = "cancelled"
-        elif self.max_seconds is not None and time.monotonic() - self.started >= self.max_seconds:
-            self.reason = "time"
-        self.reason = _agree(self.reason, device)
-        if self.reason and state.global_step < state.max_steps:
-            self.step = state.global_step
-            control.should_training_stop = True
-            control.should_save = True
-        else:
-            self.reason = None  # the last step: finishing is better than stopping
-
-
-_STOP_REASONS = (None, "time", "cancelled")
-
-
-def _agree(reason: str | None, device) -> str | None:
-    """With several processes, all stop at the same step or none does (else a collective hangs)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return reason
-    flag = torch.tensor([_STOP_REASONS.index(reason)], device=device or "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a small sync point per step, only when distributed
-    return _STOP_REASONS[int(flag.item())]
-
-
-def _tensorboard_callback(log_dir: Path):
-    """Event files next to metrics.json; None (with a warning) where tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-    except ImportError:
-        logger.warning("tensorboard is not installed: no TensorBoard event files for this job")
-        return None
-    callback = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
-    callback.logging_dir = str(log_dir)  # a writer reopened after train() (final eval) goes here too
-    return callback
 
 
 # --------------------------------------------------------------------------------------------------
@@ -535,10 +187,10 @@ def train_lora(
         fsdp_config={"use_orig_params": True, "cpu_ram_efficient_loading": True, "sync_module_states": True,
                      "activation_checkpointing": runtime.gradient_checkpointing} if fsdp else None,
     )
-    progress = _ProgressCallback(on_progress)
-    stopper = _StopControl(max_train_seconds, should_stop)
+    progress = ProgressCallback(on_progress)
+    stopper = StopControl(max_train_seconds, should_stop)
     keeper = CheckpointKeeper(checkpoint_dir, signature, hp.save_total_limit)
-    tensorboard = _tensorboard_callback(output_dir / "tensorboard")
+    tensorboard = tensorboard_callback(output_dir / "tensorboard")
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -631,34 +283,62 @@ def train_lora(
     )
 
 
-def write_training_report(result: TrainResult, folder: Path) -> None:
-    """metrics.json, train_log.jsonl and loss.png (train and eval loss by step) into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(
-        {"metrics": result.metrics, "log_history": result.log_history}, indent=2, default=str) + "\n")
-    with open(folder / "train_log.jsonl", "w") as fh:
-        for entry in result.log_history:
-            fh.write(json.dumps(entry, default=str) + "\n")
-    plot_loss(result.log_history, folder / "loss.png")
+def rank_main(spec_path: str) -> int:
+    """One rank: rebuild the inputs from the spec, train, and (rank 0) write the outcome."""
+    from datasets import load_from_disk
+
+    from config.job import Hyperparameters
+    from dataset_loader import PreparedDataset, load_tokenizer
+    from train_lora import train_lora
+    from training.runtime import Runtime
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s rank" + os.environ.get("RANK", "0") + " %(name)s: %(message)s")
+    spec = json.loads(Path(spec_path).read_text())
+    work = Path(spec["work"])
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    stop_file = Path(spec["stop_file"])
+
+    def report(event) -> None:
+        if rank0:
+            print(PROGRESS_PREFIX + json.dumps(asdict(event)), flush=True)
+
+    class _Report:  # what train_lora reads from data.report
+        def __init__(self, values: dict[str, Any]):
+            self.__dict__.update(values)
+
+        def to_dict(self):
+            return dict(self.__dict__)
+
+    outcome: dict[str, Any]
+    try:
+        data = PreparedDataset(train=load_from_disk(str(work / "train")),
+                               eval=load_from_disk(str(work / "eval")) if (work / "eval").exists() else None,
+                               report=_Report(spec["report"]))
+        result = train_lora(
+            spec["model_path"], data, Hyperparameters(**spec["hyperparameters"]), spec["output_dir"],
+            checkpoint_dir=spec["checkpoint_dir"], tokenizer=load_tokenizer(Path(spec["tokenizer_path"])),
+            base_model_id=spec["base_model_id"], base_revision=spec["base_revision"],
+            runtime=Runtime(**spec["runtime"]), on_progress=report,
+            trust_remote_code=spec["trust_remote_code"], max_train_seconds=spec["max_train_seconds"],
+            should_stop=stop_file.exists, distributed=spec["strategy"],
+            init_adapter=Path(spec["init_adapter"]) if spec.get("init_adapter") else None,
+        )
+        outcome = {"adapter_dir": str(result.adapter_dir), "metrics": result.metrics,
+                   "target_modules": result.target_modules, "target_parameters": result.target_parameters,
+                   "lora_config": json.loads(json.dumps(result.lora_config, default=str)),
+                   "log_history": result.log_history, "precision": result.precision, "device": result.device,
+                   "load_seconds": result.load_seconds, "train_seconds": result.train_seconds}
+    except WorkerError as exc:
+        outcome = {"error": {"class": type(exc).__name__, "stage": exc.stage, "message": exc.message,
+                             "retryable": exc.retryable}}
+    if rank0:
+        tmp = work / f".{RESULT_NAME}.tmp"
+        tmp.write_text(json.dumps(outcome, default=str))
+        os.replace(tmp, work / RESULT_NAME)
+    return 0 if "error" not in outcome else 1
 
 
-def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a worker
-    import matplotlib.pyplot as plt
-
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", marker="." if len(train) < 30 else None)
-    if evals:
-        ax.plot(*zip(*evals), label="eval loss", marker="o")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+if __name__ == "__main__":  # one rank of a multi-GPU job, started by training/launch.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(rank_main(sys.argv[1]))

@@ -104,7 +104,7 @@ def main() -> None:
                         help="serve the model through bench/latency_fs.py, adding this delay to every read")
     args = parser.parse_args()
 
-    from model_staging import filesystem_type, stage_folder
+    from models.staging import filesystem_type, stage_folder
 
     work = Path(args.workdir)
     model = build(work / "model", args.hidden, args.layers)

@@ -29,9 +29,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from adapters import MANIFEST_NAME, FileEntry, read_manifest, sha256_file, verify_files
+from adapters.manifest import read_manifest
 from config.settings import WorkerSettings
 from errors import StorageError
+from files import MANIFEST_NAME, FileEntry, sha256_file, verify_files
 
 logger = logging.getLogger(__name__)
 

@@ -235,6 +235,7 @@ class SupabaseRecords:
                  backoff_s: float | None = None, timeout_s: float | None = None,
                  sleep: Callable[[float], None] | None = None):
         import httpx
+
         from supabase import ClientOptions, SupabaseException, create_client
 
         self.url = url.rstrip("/")

@@ -10,8 +10,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import adapters
-import cli
+from adapters.manifest import read_manifest
+from files import verify_files
+from models.signature import read_signature
 from tests.test_verify import forbid_weight_loading, run_cli
 
 PROMPT = "What is the capital of Peru?"
@@ -77,17 +78,17 @@ def test_merge_gives_the_logits_of_base_plus_adapter(trained_adapter, tmp_path, 
     assert not torch.allclose(merged, plain, atol=1e-3), "the merge changed nothing"
 
     # Its own manifest: what was merged into what, and every file's sha256.
-    manifest = adapters.read_manifest(out_dir)
-    assert adapters.verify_files(out_dir, manifest) == []
+    manifest = read_manifest(out_dir)
+    assert verify_files(out_dir, manifest) == []
     assert manifest["kind"] == "merged_model"
     merged_from = manifest["merged"]
     assert merged_from["adapter"]["source"] == str(adapter)
     assert merged_from["adapter"]["job_id"] == "adapter-qwen2"
-    assert merged_from["adapter"]["trained_on"]["fingerprint"] == adapters.read_signature(base).fingerprint
-    assert merged_from["into"]["fingerprint"] == adapters.read_signature(base).fingerprint
+    assert merged_from["adapter"]["trained_on"]["fingerprint"] == read_signature(base).fingerprint
+    assert merged_from["into"]["fingerprint"] == read_signature(base).fingerprint
     assert merged_from["verdict"] == "compatible"
     # The merged model is a base of the same architecture as the one it came from.
-    assert adapters.read_signature(out_dir).model_type == "qwen2"
+    assert read_signature(out_dir).model_type == "qwen2"
     assert manifest["model"]["architecture"]["hidden_size"] == 64
 
 

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from config.job import DatasetSpec
-from dataset_loader import IGNORE_INDEX, load_tokenizer, read_dataset, tokenize_dataset
+from data.tokenize import IGNORE_INDEX
+from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
 from errors import DatasetError, InputError
 
 
@@ -471,7 +472,7 @@ def test_subset_and_split_need_an_hf_uri():
 def test_labels_by_bisection_match_the_overlap_rule(tokenizer, settings):
     # Multi-byte characters split into several byte tokens with shared offsets: the fast path must
     # still label exactly the tokens whose characters overlap a trained span.
-    from dataset_loader import _labels
+    from data.tokenize import _labels
 
     texts = ["Café au lait? Oui.", "東京は日本の首都です。🙂🙂", "  spaces   and\ttabs\n\nnew lines  ", "a", "ééé🙂x"]
     for text in texts:

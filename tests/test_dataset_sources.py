@@ -16,8 +16,8 @@ import pytest
 import handler
 from config.job import DatasetSpec, TrainingJob
 from config.settings import WorkerSettings
+from data.http import check_address, display_url
 from dataset_loader import read_dataset
-from dataset_sources import check_address, display_url
 from errors import DatasetError, InputError
 from tests.conftest import small_job
 from tests.http_server import start_file_server

@@ -14,7 +14,8 @@ import pytest
 import requests
 
 import handler
-from adapters import read_manifest, verify_files
+from adapters.manifest import read_manifest
+from files import verify_files
 from storage.records import SqliteRecords
 from tests.conftest import ROOT, small_job
 

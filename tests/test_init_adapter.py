@@ -11,9 +11,10 @@ import pytest
 from safetensors.torch import load_file
 
 import handler
-from adapters import read_manifest, verify_files
+from adapters.manifest import read_manifest
 from config.job import TrainingJob
 from errors import InputError
+from files import verify_files
 from storage.records import SqliteRecords
 from tests.conftest import small_job
 from tests.test_verify import forbid_weight_loading
@@ -114,7 +115,7 @@ def test_an_s3_init_adapter_is_fetched_and_verified_against_the_base(trained_ada
                                                                      tmp_path, monkeypatch):
     """The worker's side of an s3:// init_adapter (the job itself needs the S3 artifact store)."""
     s3_bucket = shared_s3_bucket
-    from adapters import prepare_init_adapter
+    from adapters.init import prepare_init_adapter
     from config.settings import WorkerSettings
     from errors import ModelError
     from tests.conftest import worker_env_names

@@ -7,9 +7,9 @@ import torch
 
 from config.job import TrainingJob
 from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
-from launch import train_distributed
 from tests.conftest import small_job
-from train_lora import Runtime
+from training.launch import train_distributed
+from training.runtime import Runtime
 
 
 def _inputs(settings, **hyperparameters):
@@ -66,8 +66,8 @@ def test_all_gpus_of_this_worker_train_with_ddp(settings, tmp_path):
 
 @pytest.mark.slow
 def test_a_cancel_stops_every_rank_at_the_same_step_with_a_checkpoint(settings, tmp_path):
-    from checkpoints import CHECKPOINT_MARKER
-    from train_lora import TrainingCancelled
+    from errors import TrainingCancelled
+    from training.checkpoints import CHECKPOINT_MARKER
 
     model_dir, _, data, hp = _inputs(settings, batch_size=4, epochs=20)
     with pytest.raises(TrainingCancelled, match=r"training was cancelled at step \d+ of 80"):

@@ -11,8 +11,9 @@ import transformers
 import handler
 from config.job import TrainingJob
 from errors import TrainingError
-from memory_plan import GiB, plan_memory, require_fit, safetensors_headers
+from models.safetensors import safetensors_headers
 from tests.conftest import small_job
+from training.memory_plan import GiB, plan_memory, require_fit
 
 # Qwen/Qwen3-Next-80B-A3B-Instruct's config.json, the fields that set its size.
 QWEN3_NEXT_80B = dict(
@@ -82,7 +83,7 @@ def test_a_job_that_cannot_fit_fails_with_figures_and_what_would(qwen3_next_80b)
 
 
 def test_auto_quantization_picks_none_if_it_fits_else_4bit_else_reports(model_factory):
-    from memory_plan import _quantized_bytes
+    from training.memory_plan import _quantized_bytes
 
     dense = model_factory("llama")
     roomy = plan_memory(dense, hp(), cuda=True, devices=[80 * GiB])
@@ -110,8 +111,8 @@ def test_headers_are_read_without_the_weights(model_factory):
 
 
 def test_the_plan_is_in_the_output_and_a_too_big_job_fails_in_seconds(volume, monkeypatch):
-    import memory_plan
     import train_lora
+    from training import memory_plan
 
     output = handler.handler({"id": "p", "input": small_job(job_id="planned")})
     assert output["memory_plan"]["fits"] is True and output["memory_plan"]["device"] == "cpu"

@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 
 import handler
-from adapters import read_signature
 from config.settings import WorkerSettings
 from errors import ModelError
-from model_resolver import COMPLETE_DIR, MARKER_NAME, ModelNotCached, check_model_folder, resolve_model
+from model_resolver import MARKER_NAME, ModelNotCached, resolve_model
+from models.cache import COMPLETE_DIR
+from models.folder import check_model_folder
+from models.signature import read_signature
 from storage.records import SqliteRecords
 from tests.conftest import ROOT, small_job
 from tests.hub_server import Cut
@@ -255,7 +257,7 @@ def test_four_workers_prefetching_at_once_download_once(hub, tiny_repo, volume):
 def test_a_held_lock_makes_others_wait_with_a_log_line_then_give_up(settings, caplog):
     import logging
 
-    from model_resolver import RepoLock
+    from models.hub import RepoLock
 
     path = settings.hf_cache_root / "hub" / ".locks" / "worker" / "models--acme--x.lock"
     with RepoLock(path, "acme/x", timeout_s=5):

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import handler
-import model_staging
-from model_staging import STAGED_MARKER, filesystem_type, is_network_filesystem, plan_loading, stage_folder
+from models import staging as model_staging
+from models.staging import (
+    STAGED_MARKER,
+    filesystem_type,
+    is_network_filesystem,
+    plan_loading,
+    stage_folder,
+)
 from tests.conftest import small_job
 
 

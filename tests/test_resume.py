@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import handler
 from storage.records import SqliteRecords
 from tests.conftest import ROOT, small_job
-from checkpoints import CHECKPOINT_MARKER, find_resume_checkpoint
+from training.checkpoints import CHECKPOINT_MARKER, find_resume_checkpoint
 
 # The job process, killed with SIGKILL right after its second checkpoint is complete.
 KILLED_CHILD = """

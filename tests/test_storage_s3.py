@@ -13,9 +13,9 @@ import pytest
 import requests
 
 import handler
-from adapters import MANIFEST_NAME, describe_files, write_json_atomic
 from config.settings import WorkerSettings
 from errors import StorageError
+from files import MANIFEST_NAME, describe_files, write_json_atomic
 from storage.artifacts import LocalArtifactStore, S3ArtifactStore, open_artifact_store
 from storage.records import SqliteRecords, SupabaseRecords
 from tests.conftest import small_job

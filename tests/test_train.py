@@ -12,7 +12,9 @@ from config.job import TrainingJob
 from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
 from errors import InputError
 from tests.conftest import assert_adapter_reloads_identically, small_job
-from train_lora import EXCLUDED_MODULES, plan_runtime, resolve_targets, train_lora
+from train_lora import train_lora
+from training.runtime import plan_runtime
+from training.targets import EXCLUDED_MODULES, resolve_targets
 
 
 class Snapshot(TrainerCallback):

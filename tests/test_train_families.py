@@ -18,7 +18,9 @@ from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
 from demo.tiny_models import FAMILIES
 from errors import InputError
 from tests.conftest import assert_adapter_reloads_identically, small_job
-from train_lora import Targets, lora_dropout_for, plan_batching, resolve_targets, train_lora
+from train_lora import train_lora
+from training.sft_config import plan_batching
+from training.targets import Targets, lora_dropout_for, resolve_targets
 
 
 class Snapshot(TrainerCallback):

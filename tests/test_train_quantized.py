@@ -14,7 +14,9 @@ import torch
 from config.job import TrainingJob
 from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
 from tests.conftest import small_job
-from train_lora import Runtime, load_base_model, train_lora
+from train_lora import train_lora
+from training.loading import load_base_model
+from training.runtime import Runtime
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                reason="bitsandbytes is not installed")

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import adapters
 import cli
+from adapters.verify import _WeightIndex
+from models.safetensors import read_safetensors_shapes
+from models.signature import read_signature
 from tests.conftest import ROOT
 
 LORA_R = 8  # small_job's lora_r
@@ -170,9 +172,9 @@ def test_the_matching_pair_is_compatible_and_every_tensor_is_checked(family, tra
     verdict = json.loads(out)
     assert code == 0
     assert (verdict["verdict"], verdict["mismatches"], verdict["warnings"]) == ("compatible", [], [])
-    lora_tensors = adapters.read_safetensors_shapes(adapter / "adapter_model.safetensors")
+    lora_tensors = read_safetensors_shapes(adapter / "adapter_model.safetensors")
     assert verdict["checked_tensors"] == len(lora_tensors) > 0
-    assert verdict["adapter_trained_on"]["fingerprint"] == adapters.read_signature(base).fingerprint
+    assert verdict["adapter_trained_on"]["fingerprint"] == read_signature(base).fingerprint
     code, out, _ = run_cli(capsys, "verify", "--adapter", str(adapter), "--base", str(base), "--strict")
     assert code == 0 and out.startswith("compatible: ")
     assert no_weights == []
@@ -232,7 +234,7 @@ def test_safetensors_header_shapes_match_the_library(trained_adapter):
     for path in (adapter / "adapter_model.safetensors", base / "model.safetensors"):
         with safe_open(path, "pt") as fh:
             expected = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        assert adapters.read_safetensors_shapes(path) == expected
+        assert read_safetensors_shapes(path) == expected
 
 
 # --- bases from the Hugging Face cache (offline) ---------------------------------------------------
@@ -414,7 +416,7 @@ def test_a_sharded_base_is_read_through_its_index(trained_adapter, tmp_path, cap
     code, out, _ = run_cli(capsys, "verify", "--adapter", str(adapter), "--base", str(sharded), "--json")
 
     verdict = json.loads(out)
-    assert verdict["checked_tensors"] == len(adapters.read_safetensors_shapes(adapter / "adapter_model.safetensors"))
+    assert verdict["checked_tensors"] == len(read_safetensors_shapes(adapter / "adapter_model.safetensors"))
     assert verdict["mismatches"] == []
     # Same architecture, but other files: the weight index and the weight files are not the ones trained on.
     assert code == 0 and verdict["verdict"] == "compatible, different revision"
@@ -424,7 +426,7 @@ def test_a_sharded_base_is_read_through_its_index(trained_adapter, tmp_path, cap
 
 
 def test_a_wrapper_prefix_in_the_base_still_finds_each_module():
-    index = adapters._WeightIndex({
+    index = _WeightIndex({
         "model.language_model.layers.0.self_attn.q_proj.weight": (32, 64),
         "model.language_model.layers.0.mlp.experts.3.up_proj.weight": (16, 64),
         "lm_head.weight": (100, 64),
@@ -439,7 +441,7 @@ def test_a_wrapper_prefix_in_the_base_still_finds_each_module():
 def test_the_fingerprint_is_the_architecture_not_the_copy(trained_adapter, tmp_path):
     _, base = trained_adapter("qwen2")
     snapshot = _fake_hf_cache(tmp_path / "hub", "org/tiny-qwen2", base, "b" * 40)
-    here, cached = adapters.read_signature(base), adapters.read_signature(snapshot)
+    here, cached = read_signature(base), read_signature(snapshot)
     assert (cached.repo_id, cached.commit) == ("org/tiny-qwen2", "b" * 40)
     assert (here.repo_id, here.commit) == (None, None)
     assert cached.fingerprint == here.fingerprint
@@ -471,7 +473,7 @@ def test_modules_to_save_copies_are_checked_whole(model_factory, tmp_path, capsy
     model = AutoModelForCausalLM.from_pretrained(qwen2)
     get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])).save_pretrained(out)
     vocab = model.config.vocab_size
-    assert "base_model.model.lm_head.weight" in adapters.read_safetensors_shapes(out / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.weight" in read_safetensors_shapes(out / "adapter_model.safetensors")
 
     code, text, _ = run_cli(capsys, "verify", "--adapter", str(out), "--base", str(qwen2), "--json")
     assert code == 0 and json.loads(text)["checked_tensors"] == 2 * 2 + 1

@@ -1,18 +1,4 @@
-"""Dataset uri → local files: the volume, http(s) URLs, s3://bucket/key and hf://org/name.
-
-Remote files are streamed to a temporary folder, hashed and counted on the way: the size cap
-(MAX_DATASET_BYTES) stops a download as soon as it is passed, not after, and the whole download has
-a deadline (DATASET_DOWNLOAD_TIMEOUT_S). The temporary folder is removed when the caller is done.
-
-URLs are checked before every connection, redirects included: http(s) only, no credentials in the
-URL, and the host must resolve only to public addresses. Loopback and private networks are allowed
-with ALLOW_PRIVATE_URLS; link-local addresses (169.254.169.254, the cloud metadata service, and
-fe80::/10) never are. The connection goes to the address that was checked (the host name is sent as
-Host and TLS server name), so DNS cannot swap in another address between check and connect.
-
-Nothing printed, logged or raised here carries a URL's query string (signed URLs carry their token
-there) or its credentials: every message uses ``display_url``.
-"""
+"""The one guarded HTTP client: allowed schemes and addresses at every redirect, a size cap while streaming, a deadline."""
 
 from __future__ import annotations
 
@@ -20,39 +6,26 @@ import hashlib
 import ipaddress
 import logging
 import re
-import shutil
 import socket
 import ssl
-import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urljoin, urlsplit
 
 from config.settings import WorkerSettings
-from errors import DatasetError, InputError, scrub
-from model_resolver import check_inside
+from data.fetched import Fetched, over_cap, suffix_of
+from errors import DatasetError, scrub
 
 logger = logging.getLogger(__name__)
 
+
 CHUNK = 1 << 20
+
+
 MAX_REDIRECTS = 5
+
+
 USER_AGENT = "lora-worker-dataset-fetch/1"
-
-
-@dataclass
-class Fetched:
-    """Local files holding a dataset, in order, and what they are."""
-
-    paths: list[Path]
-    names: list[str]  # printable, one per path
-    source: str  # printable: never a query string or credentials
-    sha256: str  # of the files' bytes, concatenated in order
-    bytes: int
-    origin: str  # inline | volume | https | http | s3 | hf
-    details: dict[str, str] = field(default_factory=dict)
 
 
 def display_url(url: str) -> str:
@@ -66,95 +39,6 @@ def display_url(url: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
-@contextmanager
-def fetch(uri: str, settings: WorkerSettings, *, subset: str | None = None, split: str | None = None,
-          what: str = "dataset.uri", for_eval: bool = False) -> Iterator[Fetched]:
-    """Yield the dataset's files on local disk; temporary copies are removed afterwards."""
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
-    if scheme in ("http", "https", "s3"):
-        workdir = Path(tempfile.mkdtemp(prefix="dataset-"))
-        try:
-            target = workdir / ("data" + _suffix_of(uri))
-            if scheme == "s3":
-                yield _fetch_s3(uri, target, settings)
-            else:
-                yield _fetch_url(uri, target, settings)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        return
-    if scheme == "hf":
-        from dataset_hub import fetch_hub_dataset
-
-        yield fetch_hub_dataset(uri, settings, subset=subset, split=split, for_eval=for_eval)
-        return
-    if scheme:
-        raise InputError(f"{what}: scheme '{scheme}://' is not supported; use https://, http://, s3://, "
-                         "hf:// or a path on the volume")
-    yield _fetch_volume(uri, settings, what)
-
-
-def _suffix_of(uri: str) -> str:
-    """The data file's extension(s) from a URL or key, e.g. '.jsonl.gz', to name the local copy."""
-    path = urlsplit(uri).path if "://" in uri else uri
-    name = path.rsplit("/", 1)[-1].lower()
-    from dataset_files import DATA_SUFFIXES
-
-    for suffix in sorted(DATA_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return suffix
-    return ""
-
-
-def _sha256_of(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _over_cap(name: str, size: int | str, cap: int) -> DatasetError:
-    return DatasetError(
-        f"{name} is {size} bytes, over the {cap}-byte cap (MAX_DATASET_BYTES); split it, trim it "
-        "with max_examples before uploading, or raise the cap on the endpoint"
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# the volume
-
-
-def _fetch_volume(uri: str, settings: WorkerSettings, what: str) -> Fetched:
-    from dataset_files import is_data_file
-
-    path = Path(uri) if uri.startswith("/") else settings.volume_root / uri
-    try:
-        path = check_inside(str(path), (settings.volume_root,), "dataset path")
-    except InputError as exc:
-        raise InputError(f"{what}: {exc}") from None
-    if path.is_dir():
-        # A folder of shards (e.g. train-00000-of-00002.parquet): every data file in it, in order.
-        paths = sorted(p for p in path.rglob("*") if p.is_file() and is_data_file(p.relative_to(path).as_posix()))
-        if not paths:
-            raise DatasetError(f"dataset folder {uri} holds no data files (.jsonl, .json, .csv, .parquet, "
-                               "optionally .gz); put the files there or name one file")
-        names = [f"{uri.rstrip('/')}/{p.relative_to(path).as_posix()}" for p in paths]
-    elif path.is_file():
-        paths, names = [path], [uri]
-    else:
-        raise DatasetError(f"dataset file {uri} does not exist on the volume ({path}); upload it there or "
-                           "fix the path")
-    size = sum(p.stat().st_size for p in paths)
-    if size > settings.max_dataset_bytes:
-        raise _over_cap(f"dataset {uri}", size, settings.max_dataset_bytes)
-    return Fetched(paths, names, uri, _sha256_of(paths), size, "volume")
-
-
-# --------------------------------------------------------------------------------------------------
-# http(s)
 
 
 def check_address(address: str, settings: WorkerSettings) -> str | None:
@@ -177,6 +61,8 @@ def check_address(address: str, settings: WorkerSettings) -> str | None:
 
 
 _METADATA_V6 = ipaddress.ip_network("fd00:ec2::/32")  # AWS's IPv6 metadata service
+
+
 _SHARED_V4 = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT, also Tailscale's range
 
 
@@ -304,7 +190,7 @@ _STATUS_HINTS = {
 }
 
 
-def _fetch_url(url: str, target: Path, settings: WorkerSettings) -> Fetched:
+def fetch_url(url: str, target: Path, settings: WorkerSettings) -> Fetched:
     import urllib3
 
     started = time.monotonic()
@@ -325,14 +211,14 @@ def _fetch_url(url: str, target: Path, settings: WorkerSettings) -> Fetched:
                                "link (e.g. a Supabase Storage signed URL)")
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > cap:
-            raise _over_cap(shown, int(declared), cap)
+            raise over_cap(shown, int(declared), cap)
         digest = hashlib.sha256()
         size = 0
         with open(target, "wb") as out:
             for chunk in response.stream(CHUNK, decode_content=True):
                 size += len(chunk)
                 if size > cap:
-                    raise _over_cap(shown, f"more than {cap}", cap)
+                    raise over_cap(shown, f"more than {cap}", cap)
                 if time.monotonic() > deadline:
                     raise DatasetError(f"{shown}: the download took longer than "
                                        f"{settings.dataset_download_timeout_s:.0f}s "
@@ -348,75 +234,10 @@ def _fetch_url(url: str, target: Path, settings: WorkerSettings) -> Fetched:
         pool.close()
     logger.info("downloaded %s (%d bytes) in %.1fs", shown, size, time.monotonic() - started)
     details = {"final_url": display_url(final)} if final != url else {}
-    if not _suffix_of(url):
+    if not suffix_of(url):
         # The file's kind may only show after a redirect or in Content-Disposition: name the copy by it.
         disposition = re.search(r'filename="?([^";]+)"?', response.headers.get("Content-Disposition") or "")
-        suffix = _suffix_of(final) or (_suffix_of(disposition.group(1)) if disposition else "")
+        suffix = suffix_of(final) or (suffix_of(disposition.group(1)) if disposition else "")
         if suffix:
             target = target.rename(target.with_name(target.name + suffix))
     return Fetched([target], [shown], shown, digest.hexdigest(), size, urlsplit(url).scheme.lower(), details)
-
-
-# --------------------------------------------------------------------------------------------------
-# s3
-
-
-def _parse_s3(uri: str) -> tuple[str, str]:
-    rest = uri.split("://", 1)[1]
-    bucket, _, key = rest.partition("/")
-    if not bucket or not key or key.endswith("/"):
-        raise DatasetError(f"{uri} must name an object: s3://bucket/path/to/file.jsonl")
-    return bucket, key
-
-
-def _fetch_s3(uri: str, target: Path, settings: WorkerSettings) -> Fetched:
-    import botocore.exceptions
-
-    from storage.s3 import make_s3_client
-
-    bucket, key = _parse_s3(uri.split("?", 1)[0])
-    shown = f"s3://{bucket}/{key}"
-    if settings.aws_access_key_id is None or settings.aws_secret_access_key is None:
-        raise DatasetError(
-            f"{shown}: s3:// datasets are read with the worker's S3 settings, which are not set; set "
-            "S3_BUCKET, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and S3_ENDPOINT_URL for non-AWS stores)"
-        )
-    cap = settings.max_dataset_bytes
-    started = time.monotonic()
-    deadline = started + settings.dataset_download_timeout_s
-    client = make_s3_client(settings, max_attempts=3)
-    try:
-        head = client.head_object(Bucket=bucket, Key=key)
-        if head.get("ContentLength", 0) > cap:
-            raise _over_cap(shown, head["ContentLength"], cap)
-        body = client.get_object(Bucket=bucket, Key=key)["Body"]
-        digest = hashlib.sha256()
-        size = 0
-        with open(target, "wb") as out:
-            for chunk in body.iter_chunks(CHUNK):
-                size += len(chunk)
-                if size > cap:
-                    raise _over_cap(shown, f"more than {cap}", cap)
-                if time.monotonic() > deadline:
-                    raise DatasetError(f"{shown}: the download took longer than "
-                                       f"{settings.dataset_download_timeout_s:.0f}s (DATASET_DOWNLOAD_TIMEOUT_S)",
-                                       retryable=True)
-                digest.update(chunk)
-                out.write(chunk)
-        body.close()
-    except botocore.exceptions.ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchKey", "NotFound"):
-            raise DatasetError(f"{shown} does not exist; check the bucket and key") from None
-        if code == "NoSuchBucket":
-            raise DatasetError(f"{shown}: bucket {bucket!r} does not exist; check the uri") from None
-        if code in ("403", "AccessDenied", "Forbidden"):
-            raise DatasetError(f"{shown}: access denied with the worker's S3 credentials; grant them "
-                               "s3:GetObject on it") from None
-        raise DatasetError(f"{shown}: S3 answered {code or 'an error'}; try again", retryable=True) from None
-    except botocore.exceptions.BotoCoreError as exc:
-        raise DatasetError(f"{shown}: the S3 store could not be reached ({type(exc).__name__}); check "
-                           "S3_ENDPOINT_URL or try again", retryable=True) from None
-    logger.info("downloaded %s (%d bytes) in %.1fs", shown, size, time.monotonic() - started)
-    return Fetched([target], [shown], shown, digest.hexdigest(), size, "s3")
-

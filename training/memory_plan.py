@@ -22,16 +22,15 @@ The activation figure is an estimate (saved inputs and outputs of every projecti
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from errors import ModelError, TrainingError
+from models.safetensors import SAFETENSORS_BYTES, safetensors_headers
 
 GiB = 1024**3
 LORA_BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 moments
@@ -42,8 +41,6 @@ CUDA_OVERHEAD_BYTES = int(1.5 * GiB)  # CUDA context, cuBLAS workspaces, allocat
 USABLE_FRACTION = 0.92  # fragmentation: never plan to the last byte
 LOGIT_BYTES_PER_ELEMENT = 10  # bf16 logits, their fp32 upcast for the loss, and the fp32 gradient
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
-                     "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 GROUPS = ("routed_experts", "shared_experts", "routers", "attention", "linear_attention", "mlp",
           "embeddings", "norms_and_other")
 
@@ -121,21 +118,6 @@ class MemoryPlan:
 # reading the model without its weights
 
 
-def safetensors_headers(model_dir: Path) -> dict[str, tuple[str, list[int]]]:
-    """name → (dtype, shape) of every stored tensor, from the files' headers only."""
-    headers: dict[str, tuple[str, list[int]]] = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(file, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > 100 * 1024**2:
-                raise ModelError(f"{file.name} has a {length}-byte header; it is not a safetensors file")
-            header = json.loads(fh.read(length))
-        for name, info in header.items():
-            if name != "__metadata__":
-                headers[name] = (info["dtype"], list(info["shape"]))
-    return headers
-
-
 def meta_model(model_dir: Path, trust_remote_code: bool = False):
     """The model built on the meta device from its config: real module types and shapes, no storage."""
     import torch
@@ -198,7 +180,7 @@ class _Shape:
 def _measure(model, lora_r: int, target_modules, stored_bytes: int) -> _Shape:
     import torch.nn as nn
 
-    from train_lora import resolve_targets
+    from training.targets import resolve_targets
 
     linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     params = []

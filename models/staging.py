@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters import write_json_atomic
+from files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

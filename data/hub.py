@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from config.settings import WorkerSettings
-from dataset_files import is_data_file
+from data.formats import is_data_file
 from errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,8 @@ def _some(files: list[str]) -> str:
 
 def fetch_hub_dataset(uri: str, settings: WorkerSettings, *, subset: str | None, split: str | None,
                       for_eval: bool = False):
-    from dataset_sources import Fetched, _sha256_of, _over_cap
+    from data.fetched import Fetched, over_cap
+    from files import sha256_files
 
     started = time.monotonic()
     repo_id, revision, path = parse_hf_uri(uri)
@@ -176,7 +177,7 @@ def fetch_hub_dataset(uri: str, settings: WorkerSettings, *, subset: str | None,
                                         prefer=("validation", "test") if for_eval else ("train",))
     size = sum(listing[f] or 0 for f in files)
     if size > settings.max_dataset_bytes:
-        raise _over_cap(f"{shown} ({subset + ' / ' if subset else ''}{split}, {len(files)} files)", size,
+        raise over_cap(f"{shown} ({subset + ' / ' if subset else ''}{split}, {len(files)} files)", size,
                         settings.max_dataset_bytes)
     folder, downloaded = hub.snapshot([glob.escape(f) for f in files])
     paths = [folder / f for f in files]
@@ -186,13 +187,13 @@ def fetch_hub_dataset(uri: str, settings: WorkerSettings, *, subset: str | None,
                            "again", retryable=True)
     total = sum(p.stat().st_size for p in paths)
     if total > settings.max_dataset_bytes:
-        raise _over_cap(shown, total, settings.max_dataset_bytes)
+        raise over_cap(shown, total, settings.max_dataset_bytes)
     commit = folder.name
     logger.info("dataset %s@%s %s/%s: %d files, %d bytes, from %s in %.1fs", repo_id, commit[:12],
                 subset or "-", split, len(files), total, "download" if downloaded or source == "download"
                 else "hf_cache", time.monotonic() - started)
     label = shown + (f" ({subset}, {split})" if subset else f" ({split})")
-    return Fetched(paths, [f"{shown}/{f}" for f in files], label, _sha256_of(paths), total, "hf",
+    return Fetched(paths, [f"{shown}/{f}" for f in files], label, sha256_files(paths), total, "hf",
                    {"repo_id": repo_id, "commit": commit, "subset": subset or "", "split": split,
                     "from": "download" if downloaded or source == "download" else "hf_cache"})
 
@@ -229,7 +230,10 @@ class _Hub:
     def snapshot(self, patterns: list[str]) -> tuple[Path, bool]:
         """(snapshot folder, whether anything was downloaded)."""
         from huggingface_hub import constants
-        from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+        from huggingface_hub.errors import (
+            IncompleteSnapshotError,
+            LocalEntryNotFoundError,
+        )
 
         try:
             return self._download(patterns, local=True), False

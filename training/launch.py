@@ -20,7 +20,7 @@ import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import errors
 from errors import TrainingError, WorkerError
@@ -28,7 +28,8 @@ from errors import TrainingError, WorkerError
 logger = logging.getLogger(__name__)
 PROGRESS_PREFIX = "@@progress "
 RESULT_NAME = "distributed-result.json"
-ROOT = Path(__file__).resolve().parent
+# The repository root: each rank runs ``python train_lora.py <spec>`` from it.
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def train_distributed(model_path, data, hp, output_dir, *, processes: int, strategy: str, checkpoint_dir,
@@ -37,7 +38,8 @@ def train_distributed(model_path, data, hp, output_dir, *, processes: int, strat
                       should_stop: Callable[[], bool] | None = None, tokenizer_path=None,
                       init_adapter=None):
     """``train_lora.train_lora`` in ``processes`` ranks; returns its TrainResult (without the model)."""
-    from train_lora import ProgressEvent, TrainResult
+    from training.callbacks import ProgressEvent
+    from training.result import TrainResult
 
     output_dir = Path(output_dir)
     work = output_dir / ".launch"
@@ -56,7 +58,7 @@ def train_distributed(model_path, data, hp, output_dir, *, processes: int, strat
     }
     (work / "spec.json").write_text(json.dumps(spec))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(ROOT / "launch.py"), str(work / "spec.json")]
+               str(ROOT / "train_lora.py"), str(work / "spec.json")]
     logger.info("training in %d processes (%s)", processes, strategy)
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -83,7 +85,7 @@ def train_distributed(model_path, data, hp, output_dir, *, processes: int, strat
     if "error" in outcome:
         cls = getattr(errors, outcome["error"]["class"], None)
         if outcome["error"]["class"] == "TrainingCancelled":
-            from train_lora import TrainingCancelled as cls
+            from errors import TrainingCancelled as cls
         if not (isinstance(cls, type) and issubclass(cls, WorkerError)):
             cls = WorkerError
         raise cls(outcome["error"]["message"], stage=outcome["error"]["stage"],
@@ -93,63 +95,3 @@ def train_distributed(model_path, data, hp, output_dir, *, processes: int, strat
                        log_history=outcome["log_history"], precision=outcome["precision"],
                        device=outcome["device"], load_seconds=outcome["load_seconds"],
                        train_seconds=outcome["train_seconds"], target_parameters=outcome["target_parameters"])
-
-
-def _rank_main(spec_path: str) -> int:
-    """One rank: rebuild the inputs from the spec, train, and (rank 0) write the outcome."""
-    from datasets import load_from_disk
-
-    from config.job import Hyperparameters
-    from dataset_loader import PreparedDataset, load_tokenizer
-    from train_lora import Runtime, train_lora
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s rank" + os.environ.get("RANK", "0") + " %(name)s: %(message)s")
-    spec = json.loads(Path(spec_path).read_text())
-    work = Path(spec["work"])
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    stop_file = Path(spec["stop_file"])
-
-    def report(event) -> None:
-        if rank0:
-            print(PROGRESS_PREFIX + json.dumps(asdict(event)), flush=True)
-
-    class _Report:  # what train_lora reads from data.report
-        def __init__(self, values: dict[str, Any]):
-            self.__dict__.update(values)
-
-        def to_dict(self):
-            return dict(self.__dict__)
-
-    outcome: dict[str, Any]
-    try:
-        data = PreparedDataset(train=load_from_disk(str(work / "train")),
-                               eval=load_from_disk(str(work / "eval")) if (work / "eval").exists() else None,
-                               report=_Report(spec["report"]))
-        result = train_lora(
-            spec["model_path"], data, Hyperparameters(**spec["hyperparameters"]), spec["output_dir"],
-            checkpoint_dir=spec["checkpoint_dir"], tokenizer=load_tokenizer(Path(spec["tokenizer_path"])),
-            base_model_id=spec["base_model_id"], base_revision=spec["base_revision"],
-            runtime=Runtime(**spec["runtime"]), on_progress=report,
-            trust_remote_code=spec["trust_remote_code"], max_train_seconds=spec["max_train_seconds"],
-            should_stop=stop_file.exists, distributed=spec["strategy"],
-            init_adapter=Path(spec["init_adapter"]) if spec.get("init_adapter") else None,
-        )
-        outcome = {"adapter_dir": str(result.adapter_dir), "metrics": result.metrics,
-                   "target_modules": result.target_modules, "target_parameters": result.target_parameters,
-                   "lora_config": json.loads(json.dumps(result.lora_config, default=str)),
-                   "log_history": result.log_history, "precision": result.precision, "device": result.device,
-                   "load_seconds": result.load_seconds, "train_seconds": result.train_seconds}
-    except WorkerError as exc:
-        outcome = {"error": {"class": type(exc).__name__, "stage": exc.stage, "message": exc.message,
-                             "retryable": exc.retryable}}
-    if rank0:
-        tmp = work / f".{RESULT_NAME}.tmp"
-        tmp.write_text(json.dumps(outcome, default=str))
-        os.replace(tmp, work / RESULT_NAME)
-    return 0 if "error" not in outcome else 1
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    sys.exit(_rank_main(sys.argv[1]))

@@ -1,0 +1,1 @@
+"""Adapters: the manifest, verifying against a base, fetching, applying and merging, continuing training."""

@@ -1,0 +1,166 @@
+"""Where an adapter is: a folder, an s3:// prefix or https URLs; fetched, then checked against a base."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from adapters.manifest import read_manifest
+from adapters.verify import (
+    ADAPTER_CONFIG_NAME,
+    AdapterInfo,
+    BaseInfo,
+    Verdict,
+    read_adapter,
+    read_base,
+    verify_adapter,
+)
+from files import MANIFEST_NAME
+from models.cache import locate_base
+
+
+def fetch_adapter(refs: str | list[str], dest: Path, *, settings: Any = None) -> Path:
+    """The folder of an adapter: a local folder as is; an s3:// prefix or https URLs downloaded to ``dest``.
+
+    ``settings`` (WorkerSettings) gives the S3 endpoint and credentials. Downloaded files are checked
+    against the adapter's manifest.json later, by ``read_adapter``.
+    """
+    from errors import InputError
+
+    refs = [refs] if isinstance(refs, str) else list(refs)
+    if not refs:
+        raise InputError("no adapter given: name a folder, an s3:// prefix or https URLs")
+    first = refs[0]
+    if first.startswith("s3://"):
+        if len(refs) > 1:
+            raise InputError("give one s3:// prefix (the adapter folder), not several")
+        return _download_s3(first, dest, settings)
+    if first.startswith(("https://", "http://")):
+        return _download_https(refs, dest)
+    if len(refs) > 1:
+        raise InputError("give one adapter folder, not several")
+    path = Path(first.removeprefix("file://")).expanduser()
+    if not path.is_dir():
+        raise InputError(f"adapter {first} is not a folder; name the adapter folder, an s3:// prefix "
+                         "or https URLs of its files")
+    if not (path / ADAPTER_CONFIG_NAME).is_file() and (path / "adapter" / ADAPTER_CONFIG_NAME).is_file():
+        return path / "adapter"  # a job folder: its adapter is inside
+    return path
+
+
+def _safe_relative(name: str) -> bool:
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
+def _download_s3(uri: str, dest: Path, settings: Any) -> Path:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from errors import InputError, StorageError
+    from storage.s3 import make_s3_client
+
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise InputError(f"{uri} names no bucket; use s3://bucket/prefix/adapter/")
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    if settings is None:
+        raise InputError("an s3:// adapter needs S3 settings (S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+                         "AWS_SECRET_ACCESS_KEY)")
+    client = make_s3_client(settings)
+    try:
+        keys = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys += [obj["Key"] for obj in page.get("Contents", [])]
+        names = {k[len(prefix):]: k for k in keys}
+        if ADAPTER_CONFIG_NAME not in names and f"adapter/{ADAPTER_CONFIG_NAME}" in names:
+            names = {n[len("adapter/"):]: k for n, k in names.items() if n.startswith("adapter/")}
+        if not names:
+            raise InputError(f"there is nothing under {uri}; name the adapter's folder "
+                             "(s3://bucket/<prefix>/<job_id>/adapter/)")
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, key in sorted(names.items()):
+            if not _safe_relative(name):
+                continue
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(target))
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "error")
+        raise StorageError(f"could not download {uri}: S3 answered {code}; check the bucket, the "
+                           "prefix and the S3 credentials") from None
+    except BotoCoreError as exc:
+        raise StorageError(f"could not download {uri}: {type(exc).__name__}; check S3_ENDPOINT_URL "
+                           "and the network") from None
+    return dest
+
+
+def _download_https(urls: list[str], dest: Path) -> Path:
+    """Each URL is one file (presigned URLs sign one object each); a lone manifest.json URL pulls the
+    files it lists from the same folder, with the same query string."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    from errors import InputError
+
+    dest.mkdir(parents=True, exist_ok=True)
+    given = set()
+    for url in urls:
+        name = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+        if not name or not _safe_relative(name):
+            raise InputError(f"{_scrub_url(url)} does not name a file; give the URL of each adapter "
+                             "file (manifest.json, adapter_config.json, adapter_model.safetensors)")
+        _http_get(url, dest / name)
+        given.add(name)
+    manifest = read_manifest(dest)
+    if manifest is not None:
+        base = urlsplit(urls[[unquote(urlsplit(u).path.rsplit("/", 1)[-1]) for u in urls].index(MANIFEST_NAME)]
+                        if MANIFEST_NAME in given else urls[0])
+        folder = base.path.rsplit("/", 1)[0] + "/"
+        for entry in manifest.get("files", []):
+            name = entry["name"]
+            if name in given or not _safe_relative(name):
+                continue
+            url = urlunsplit((base.scheme, base.netloc, folder + name, base.query, ""))
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            _http_get(url, dest / name, hint=" (a presigned URL signs one file: pass one --adapter URL "
+                      "per file: manifest.json, adapter_config.json, adapter_model.safetensors)")
+    return dest
+
+
+def _scrub_url(url: str) -> str:
+    from errors import scrub
+
+    return scrub(url)
+
+
+def _http_get(url: str, target: Path, hint: str = "") -> None:
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    from errors import StorageError
+
+    tmp = target.with_name(f".{target.name}.part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as fh:
+            shutil.copyfileobj(response, fh, 1024 * 1024)
+        os.replace(tmp, target)
+    except urllib.error.HTTPError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"could not download {_scrub_url(url)}: HTTP {exc.code}{hint}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
+        raise StorageError(f"could not download {_scrub_url(url)}: {_scrub_url(str(reason))}") from None
+
+
+def check_pair(adapter_refs: str | list[str], base_ref: str, workdir: Path, *, revision: str | None = None,
+               settings: Any = None) -> tuple[Verdict, AdapterInfo, BaseInfo]:
+    """Fetch (if remote), read and verify an adapter against a base: the one entry point for all."""
+    refs = [adapter_refs] if isinstance(adapter_refs, str) else list(adapter_refs)
+    folder = fetch_adapter(refs, workdir / "adapter", settings=settings)
+    source = ", ".join(_scrub_url(r) for r in refs)
+    adapter = read_adapter(folder, source)
+    base_dir = locate_base(base_ref, revision)
+    base = read_base(base_dir, base_ref if Path(base_ref).expanduser().is_dir() else f"{base_ref} ({base_dir})")
+    return verify_adapter(adapter, base), adapter, base

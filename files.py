@@ -1,0 +1,103 @@
+"""Files on disk: hashing, atomic writes, folders published whole, paths kept inside their roots.
+
+A leaf: it imports nothing of this project.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from errors import InputError
+
+# The file a complete folder carries, written last: a folder without it is incomplete.
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_file(path: str | Path, block: int = 8 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    bytes: int
+    sha256: str
+
+
+def describe_files(folder: str | Path, *, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> list[FileEntry]:
+    """Every file under ``folder`` (recursively, sorted) with its size and sha256."""
+    folder = Path(folder)
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel in exclude:
+            continue
+        entries.append(FileEntry(rel, path.stat().st_size, sha256_file(path)))
+    return entries
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """Write JSON to a temporary name in the same folder, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def verify_files(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """The problems (missing or changed files) of ``folder`` against its manifest; [] if intact."""
+    folder = Path(folder)
+    problems = []
+    for entry in manifest.get("files", []):
+        path = folder / entry["name"]
+        if not path.is_file():
+            problems.append(f"{entry['name']} is missing")
+        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            problems.append(f"{entry['name']} does not match its sha256")
+    return problems
+
+
+def check_inside(path: str, roots: tuple[Path, ...], what: str) -> Path:
+    """Refuse a path outside ``roots``: first as a string (no filesystem read), then resolved."""
+    normal = Path(os.path.normpath(path))
+    if ".." in Path(path).parts or not any(is_within(normal, root) for root in roots):
+        raise InputError(
+            f"{what} {path!r} is outside the allowed folders ({', '.join(map(str, roots))}); "
+            "put it on the volume or name it relative to the models root"
+        )
+    real = normal.resolve()
+    if not any(is_within(real, root.resolve()) for root in roots):
+        raise InputError(f"{what} {path!r} links outside the allowed folders; copy it onto the volume")
+    return real
+
+
+def is_within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One sha256 over the bytes of several files, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,65 @@
+"""Loading the base model for training: precision, quantization and device placement."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from errors import ModelError
+from training.runtime import Runtime
+
+
+def quiet_progress_bars() -> None:
+    """tqdm bars are carriage-return noise in a worker's log; progress is logged per step instead."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def quantization_config(quantization: str, compute_dtype):
+    """bitsandbytes settings: NF4 with double quantization (QLoRA), or LLM.int8."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet_progress_bars()
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[runtime.precision]
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if runtime.quantization != "none":
+        kwargs["quantization_config"] = quantization_config(runtime.quantization, dtype)
+        # bitsandbytes quantizes while placing: the whole model on this process's device.
+        kwargs["device_map"] = {"": local_device(runtime)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load the base model from {model_path}: {exc}") from exc
+    if runtime.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=runtime.gradient_checkpointing
+        )
+    model.config.use_cache = False  # caches are for generation; they waste memory in training
+    return model
+
+
+def local_device(runtime: Runtime):
+    if runtime.device != "cuda":
+        return "cpu"
+    return int(os.environ.get("LOCAL_RANK", "0"))  # accelerate sets it per process; 0 when alone
