@@ -7,6 +7,7 @@ them ``from`` the cause; ``handler.py`` is the one place that turns them into ou
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 
@@ -27,6 +28,16 @@ class WorkerError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def with_hint(self, hint: str) -> WorkerError:
+        """The same error (class, stage, retryable) with ``hint`` appended: what to do, or what was kept.
+
+        Raise it ``from`` the original: ``raise exc.with_hint("the adapter is kept at …") from exc``.
+        """
+        clone = copy.copy(self)
+        clone.message = f"{self.message}; {hint}"
+        clone.args = (clone.message,)
+        return clone
 
 
 class InputError(WorkerError):

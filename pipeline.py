@@ -436,14 +436,11 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
 
     if not any(result.adapter_dir.glob("adapter_model.*")):
         raise TrainingError(f"training finished but no adapter weights were saved in {result.adapter_dir}")
-    lora = result.lora_config
+    lora = result.lora
     manifest = Manifest(
         job_id=job.job_id or "",
         base_model={**resolved.to_output(), "load": load.to_output()},
-        peft={"peft_type": "LORA", "r": lora.get("r"), "lora_alpha": lora.get("lora_alpha"),
-              "lora_dropout": lora.get("lora_dropout"), "use_rslora": lora.get("use_rslora"),
-              "target_modules": result.target_modules, "target_parameters": result.target_parameters,
-              "task_type": "CAUSAL_LM"},
+        peft={"peft_type": "LORA", **lora.model_dump(), "task_type": "CAUSAL_LM"},
         hyperparameters=job.hyperparameters.model_dump(mode="json"),
         dataset=report,
         metrics=result.metrics,

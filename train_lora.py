@@ -34,7 +34,7 @@ from training.checkpoints import (
 )
 from training.launch import PROGRESS_PREFIX, RESULT_NAME
 from training.loading import load_base_model
-from training.result import TrainResult
+from training.result import LoraSettings, TrainResult
 from training.runtime import Runtime, plan_runtime
 from training.sft_config import plan_batching
 from training.targets import Targets, lora_dropout_for, resolve_targets
@@ -271,15 +271,13 @@ def train_lora(
     return TrainResult(
         adapter_dir=adapter_dir,
         metrics=metrics,
-        target_modules=targets.modules,
-        lora_config=peft_config.to_dict(),
+        lora=LoraSettings.from_peft(peft_config, targets),
         log_history=list(trainer.state.log_history),
         precision=runtime.precision,
         device=runtime.device,
         load_seconds=load_seconds,
         train_seconds=train_seconds,
         model=model,
-        target_parameters=targets.parameters,
     )
 
 
@@ -325,8 +323,7 @@ def rank_main(spec_path: str) -> int:
             init_adapter=Path(spec["init_adapter"]) if spec.get("init_adapter") else None,
         )
         outcome = {"adapter_dir": str(result.adapter_dir), "metrics": result.metrics,
-                   "target_modules": result.target_modules, "target_parameters": result.target_parameters,
-                   "lora_config": json.loads(json.dumps(result.lora_config, default=str)),
+                   "lora": result.lora.model_dump(mode="json"),
                    "log_history": result.log_history, "precision": result.precision, "device": result.device,
                    "load_seconds": result.load_seconds, "train_seconds": result.train_seconds}
     except WorkerError as exc:

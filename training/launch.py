@@ -39,7 +39,7 @@ def train_distributed(model_path, data, hp, output_dir, *, processes: int, strat
                       init_adapter=None):
     """``train_lora.train_lora`` in ``processes`` ranks; returns its TrainResult (without the model)."""
     from training.callbacks import ProgressEvent
-    from training.result import TrainResult
+    from training.result import LoraSettings, TrainResult
 
     output_dir = Path(output_dir)
     work = output_dir / ".launch"
@@ -91,7 +91,7 @@ def train_distributed(model_path, data, hp, output_dir, *, processes: int, strat
         raise cls(outcome["error"]["message"], stage=outcome["error"]["stage"],
                   retryable=outcome["error"]["retryable"])
     return TrainResult(adapter_dir=Path(outcome["adapter_dir"]), metrics=outcome["metrics"],
-                       target_modules=outcome["target_modules"], lora_config=outcome["lora_config"],
+                       lora=LoraSettings.model_validate(outcome["lora"]),
                        log_history=outcome["log_history"], precision=outcome["precision"],
                        device=outcome["device"], load_seconds=outcome["load_seconds"],
-                       train_seconds=outcome["train_seconds"], target_parameters=outcome["target_parameters"])
+                       train_seconds=outcome["train_seconds"])
