@@ -12,7 +12,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean-volume
+.PHONY: demo test lint venv clean-volume
 
 venv: $(VENV)/.installed
 
@@ -31,9 +31,13 @@ demo: venv
 	$(PY) handler.py --test_input "$$($(PY) demo/show.py input)"
 	$(PY) demo/show.py result
 
-# Starts what the tests need (scripts/test.sh) and runs the whole suite.
+# Checks the layering (lint-imports), starts what the tests need (scripts/test.sh), runs the whole suite.
 test: venv
 	bash scripts/test.sh $(PYTEST_ARGS)
+
+# The layering contracts alone (.importlinter); `make test` runs them too.
+lint: venv
+	bash scripts/lint_imports.sh
 
 clean-volume:
 	rm -rf .volume

@@ -22,11 +22,19 @@ fi
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 export MPLCONFIGDIR="${MPLCONFIGDIR:-$PWD/build/mpl}"
 
+# The layering (.importlinter) first: a broken contract fails the run, after the tests have run too.
+lint_rc=0
+bash scripts/lint_imports.sh || lint_rc=1
+
 .venv/bin/python -m pytest --junitxml=build/junit.xml "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "scripts/test.sh: pytest collected no tests; that is a failure" >&2
     exit 1
+fi
+if [ "$lint_rc" -ne 0 ]; then
+    echo "scripts/test.sh: lint-imports found a broken layering contract (see above)" >&2
+    rc=1
 fi
 
 # The Supabase Edge Function (TypeScript, Deno): Deno comes from the npm registry into build/deno.
