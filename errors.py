@@ -7,9 +7,12 @@ them ``from`` the cause; ``handler.py`` is the one place that turns them into ou
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
+import threading
+from collections.abc import Iterable, Iterator
 
 
 class WorkerError(Exception):
@@ -106,22 +109,50 @@ def scrub(text: str, secrets: tuple[str, ...] | list[str] = ()) -> str:
     return text
 
 
+# The secret values of the jobs running now (a request's s3Config keys): every ScrubFilter masks them
+# while their job runs. Process-wide, not a contextvar: the threads a job starts (boto3's transfers,
+# the trainer's workers) log too, and a contextvar does not follow a job into them.
+_job_secrets: list[tuple[str, ...]] = []
+_job_secrets_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def job_secrets(secrets: Iterable[str]) -> Iterator[None]:
+    """Mask ``secrets`` in every log line while the block (one job) runs."""
+    entry = tuple(s for s in secrets if s)
+    with _job_secrets_lock:
+        _job_secrets.append(entry)
+    try:
+        yield
+    finally:
+        with _job_secrets_lock:
+            _job_secrets.remove(entry)
+
+
+def running_job_secrets() -> tuple[str, ...]:
+    with _job_secrets_lock:
+        return tuple(dict.fromkeys(s for entry in _job_secrets for s in entry))
+
+
 class ScrubFilter(logging.Filter):
-    """A logging filter that scrubs every record before any handler formats it."""
+    """A logging filter that scrubs every record before any handler formats it: token-shaped strings,
+    URL queries, ``secrets`` (the worker's own, fixed when logging is configured) and the secrets of
+    the jobs running now (``job_secrets``), so a filter is added once, never per job."""
 
     def __init__(self, secrets: tuple[str, ...] | list[str] = ()):
         super().__init__()
         self.secrets = tuple(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        secrets = (*self.secrets, *running_job_secrets())
         message = record.getMessage()
-        cleaned = scrub(message, self.secrets)
+        cleaned = scrub(message, secrets)
         if cleaned != message:
             record.msg, record.args = cleaned, ()
         if record.exc_info:
             # A traceback can quote locals and URLs: keep the exception's one line, scrubbed.
             exc = record.exc_info[1]
-            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {scrub(str(exc), self.secrets)})"
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {scrub(str(exc), secrets)})"
             record.args, record.exc_info, record.exc_text = (), None, None
         return True
 

@@ -23,6 +23,29 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 RUNPOD_VOLUME = Path("/runpod-volume")
 
+# The groups of variables that configure one service together. A job meets a broken group at the
+# stage that uses it (the handler maps "s3" to upload, "supabase" to record), so an error in one is
+# reported there, not as a mistake in the job's input.
+S3_FIELDS = frozenset({
+    "s3_bucket", "s3_prefix", "s3_endpoint_url", "aws_access_key_id", "aws_secret_access_key",
+    "aws_region", "presign_seconds",
+})
+SUPABASE_FIELDS = frozenset({
+    "supabase_url", "supabase_service_role_key", "supabase_jobs_table", "supabase_artifacts_table",
+})
+
+
+class HalfConfigured(ValueError):
+    """A group of variables set half-way; ``group`` is "s3" or "supabase".
+
+    A ValueError, so pydantic reports it as one of the settings' validation errors and keeps the
+    exception itself in the error's context: ``settings_error_group`` reads the group from there.
+    """
+
+    def __init__(self, message: str, *, group: str):
+        super().__init__(message)
+        self.group = group
+
 
 def _default_volume_root() -> Path:
     return RUNPOD_VOLUME if RUNPOD_VOLUME.is_dir() else Path(".volume").resolve()
@@ -127,15 +150,15 @@ class WorkerSettings(BaseSettings):
         if any(s3_given.values()) or self.s3_endpoint_url:
             missing = [name for name, value in s3_given.items() if not value]
             if missing:
-                raise ValueError(
+                raise HalfConfigured(
                     "S3 is half-configured: set " + ", ".join(missing)
-                    + " (or unset every S3 variable to store artifacts on the volume)"
+                    + " (or unset every S3 variable to store artifacts on the volume)", group="s3"
                 )
         if bool(self.supabase_url) != bool(self.supabase_service_role_key):
             missing = "SUPABASE_SERVICE_ROLE_KEY" if self.supabase_url else "SUPABASE_URL"
-            raise ValueError(
+            raise HalfConfigured(
                 f"Supabase is half-configured: set {missing} "
-                "(or unset both to keep records in SQLite on the volume)"
+                "(or unset both to keep records in SQLite on the volume)", group="supabase"
             )
         return self
 
@@ -199,6 +222,36 @@ class WorkerSettings(BaseSettings):
             self.supabase_service_role_key,
         )
         return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
+
+
+def settings_error_group(exc: ValidationError) -> str | None:
+    """The group of variables a ``WorkerSettings`` error is about: "s3", "supabase", or None (any other
+    variable). Read from the error itself: a ``HalfConfigured`` raised by the group check, or the
+    names of the variables that failed; never from the message text."""
+    groups = set()
+    for err in exc.errors(include_url=False):
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, HalfConfigured):
+            groups.add(cause.group)
+            continue
+        name = _field_named(str(err["loc"][0])) if err["loc"] else None
+        groups.add("s3" if name in S3_FIELDS else "supabase" if name in SUPABASE_FIELDS else None)
+    # Several groups at once: the first stage a job reaches names it (S3 is checked before records).
+    for group in ("s3", "supabase"):
+        if group in groups:
+            return group
+    return None
+
+
+def _field_named(key: str) -> str | None:
+    """The settings field a variable name (the field's own, or one of its aliases) belongs to."""
+    key = key.lower()
+    for name, field in WorkerSettings.model_fields.items():
+        alias = field.validation_alias
+        aliases = alias.choices if isinstance(alias, AliasChoices) else [alias] if alias else []
+        if key == name or key in (str(a).lower() for a in aliases):
+            return name
+    return None
 
 
 class RequestS3Config(BaseModel):
