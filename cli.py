@@ -1,6 +1,6 @@
 """The user's commands, on a RunPod pod or on your own machine.
 
-    python cli.py schema                               # JSON Schema of the job input
+    python cli.py schema [--markdown]                  # JSON Schema of the job input (or the README's table)
     python cli.py validate --input job.json            # check a job and its dataset; loads no weights
     python cli.py prefetch <base_model> [--revision R] # warm the volume's model cache
     python cli.py status <job_id>                      # the job's record (local SQLite records)
@@ -37,9 +37,12 @@ def _run_job(payload: dict[str, Any]) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from config.job import job_json_schema
+    from config.job import hyperparameters_markdown, job_json_schema
 
-    _print(job_json_schema())
+    if args.markdown:
+        print(hyperparameters_markdown(), end="")
+    else:
+        _print(job_json_schema())
     return 0
 
 
@@ -203,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("schema", help="print the JSON Schema of the job input").set_defaults(func=cmd_schema)
+    p = sub.add_parser("schema", help="print the JSON Schema of the job input")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the hyperparameter table instead (README.md holds a copy of it)")
+    p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("validate", help="check a job input and its dataset without training")
     p.add_argument("--input", required=True, help="a JSON file: the job input, or {\"input\": …}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Literal
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -19,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from errors import InputError
 
@@ -53,14 +55,38 @@ class StrictModel(BaseModel):
 
 
 class DatasetSpec(StrictModel):
-    uri: str | None = Field(default=None, min_length=1, max_length=8192)
-    records: list[dict[str, Any]] | None = Field(default=None, min_length=1, max_length=10_000)
-    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"] = "auto"
-    eval_uri: str | None = Field(default=None, min_length=1, max_length=8192)
-    eval_fraction: float = Field(default=0.0, ge=0.0, le=0.5)
-    max_examples: int | None = Field(default=None, ge=1, le=10_000_000)
-    subset: str | None = Field(default=None, max_length=256)
-    split: str | None = Field(default=None, max_length=256)
+    """Where the training data is and how to read it; a string in its place is its uri."""
+
+    uri: str | None = Field(
+        default=None, min_length=1, max_length=8192,
+        description="The data: a path on the volume (relative to it, or absolute inside it; a folder "
+                    "means every data file in it), https:// or http:// (e.g. a Supabase Storage signed "
+                    "URL; its query is never logged), s3://bucket/key, or hf://org/name (a Hugging Face "
+                    "dataset). Give this or 'records'.")
+    records: list[dict[str, Any]] | None = Field(
+        default=None, min_length=1, max_length=10_000,
+        description="Inline examples instead of a 'uri', for small sets (the endpoint may cap them "
+                    "lower: MAX_INLINE_RECORDS).")
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"] = Field(
+        default="auto",
+        description="The record schema. 'auto' detects it per record: chat (messages), sharegpt "
+                    "(conversations), prompt_completion, alpaca (instruction/input/output), text.")
+    eval_uri: str | None = Field(
+        default=None, min_length=1, max_length=8192,
+        description="Evaluation data, read like 'uri'. Unset: no evaluation unless 'eval_fraction' is "
+                    "given; for hf:// data, the same subset's validation (else test) split.")
+    eval_fraction: float = Field(
+        default=0.0, ge=0.0, le=0.5,
+        description="Share of the examples held out for evaluation (a split seeded by "
+                    "hyperparameters.seed, so a rerun holds out the same ones); 0: none.")
+    max_examples: int | None = Field(
+        default=None, ge=1, le=10_000_000,
+        description="Read at most this many records (the first ones); unset: all.")
+    subset: str | None = Field(
+        default=None, max_length=256,
+        description="hf:// only: the dataset's subset (the card's config_name).")
+    split: str | None = Field(
+        default=None, max_length=256, description="hf:// only: the split to train on; unset: train.")
 
     @field_validator("uri", "eval_uri")
     @classmethod
@@ -95,37 +121,104 @@ class Hyperparameters(StrictModel):
     """Training knobs. Defaults are good for LoRA SFT; every bound is checked before any download."""
 
     # Accepted here because the Edge Function sends it here; reconciled with the top-level field.
-    base_model: str | None = Field(default=None, min_length=1, max_length=4096)
+    base_model: str | None = Field(
+        default=None, min_length=1, max_length=4096,
+        description="Same as the job's top-level 'base_model' (the Edge Function sends it here); both "
+                    "given and different is an error.")
 
-    epochs: float = Field(default=3.0, gt=0, le=100)
-    max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
-    learning_rate: float = Field(default=2e-4, gt=0, le=1.0)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(default=0.03, ge=0, le=0.5)
-    weight_decay: float = Field(default=0.0, ge=0, le=1.0)
-    max_grad_norm: float = Field(default=1.0, gt=0, le=100)
-    batch_size: int = Field(default=4, ge=1, le=512)
-    gradient_accumulation_steps: int = Field(default=4, ge=1, le=1024)
-    max_seq_length: int = Field(default=2048, ge=16, le=131_072)
-    # "auto": padding-free batches (no pad tokens, no attention across examples) where the model's
-    # layers allow it; true: bfd packing into max_seq_length rows (fewer, fuller steps); false: padded.
-    packing: Literal["auto"] | bool = "auto"
-    train_on_inputs: bool = False
+    epochs: float = Field(
+        default=3.0, gt=0, le=100,
+        description="Passes over the training data; a fraction stops part-way through the last one. "
+                    "3 is the usual LoRA SFT choice for a few thousand examples.")
+    max_steps: int | None = Field(
+        default=None, ge=1, le=1_000_000,
+        description="Optimizer steps to train for; overrides 'epochs'. Unset: from 'epochs'.")
+    learning_rate: float = Field(
+        default=2e-4, gt=0, le=1.0,
+        description="Peak learning rate of AdamW. 2e-4 is the common LoRA rate, ten times a full "
+                    "fine-tune's, since only the small adapter matrices learn.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="How the learning rate decays after warmup.")
+    warmup_ratio: float = Field(
+        default=0.03, ge=0, le=0.5,
+        description="Share of the steps spent ramping the learning rate up from 0.")
+    weight_decay: float = Field(
+        default=0.0, ge=0, le=1.0,
+        description="AdamW weight decay on the adapter weights; 0 because LoRA's low rank already "
+                    "regularises.")
+    max_grad_norm: float = Field(
+        default=1.0, gt=0, le=100, description="Gradients are clipped to this global L2 norm.")
+    batch_size: int = Field(
+        default=4, ge=1, le=512, description="Examples per device per forward pass.")
+    gradient_accumulation_steps: int = Field(
+        default=4, ge=1, le=1024,
+        description="Forward passes per optimizer step: the effective batch is batch_size × this × "
+                    "the number of GPUs (16 examples on one GPU by default).")
+    max_seq_length: int = Field(
+        default=2048, ge=16, le=131_072,
+        description="Tokens per example: longer examples are cut (counted as truncated), and dropped "
+                    "when no trained token is left.")
+    packing: Literal["auto"] | bool = Field(
+        default="auto",
+        description="'auto': padding-free batches (no pad tokens; positions restart per example, so "
+                    "no attention across examples) where the model allows it, padded for models with "
+                    "linear-attention layers (Qwen3-Next); true: best-fit packing into max_seq_length "
+                    "rows (fewer steps); false: padded.")
+    train_on_inputs: bool = Field(
+        default=False,
+        description="false: loss on the assistant/completion tokens only; true: on every token "
+                    "(system and user turns, prompts too).")
 
-    lora_r: int = Field(default=16, ge=1, le=1024)
-    lora_alpha: float = Field(default=32, gt=0, le=8192)
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    use_rslora: bool = False
-    target_modules: Literal["auto", "all-linear"] | list[str] = "auto"
+    lora_r: int = Field(
+        default=16, ge=1, le=1024,
+        description="LoRA rank: the inner size of each adapter pair; more learns more, in a bigger "
+                    "adapter.")
+    lora_alpha: float = Field(
+        default=32, gt=0, le=8192,
+        description="LoRA scaling: updates are scaled by lora_alpha / lora_r (by lora_alpha / √lora_r "
+                    "with use_rslora); 2 × lora_r is the common choice.")
+    lora_dropout: float = Field(
+        default=0.05, ge=0, lt=1,
+        description="Dropout on the adapter's input. The default becomes 0 when fused MoE experts are "
+                    "adapted (peft cannot apply dropout there); an explicit non-zero value with them "
+                    "is an error.")
+    use_rslora: bool = Field(
+        default=False, description="Rank-stabilized scaling (lora_alpha / √lora_r), for high ranks.")
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        default="auto",
+        description="Which layers get adapters. 'auto': every linear projection except lm_head, "
+                    "embeddings and MoE routers, plus the fused routed-expert weights of MoE models; "
+                    "'all-linear': the linear layers only; or a list of leaf names (q_proj, "
+                    "gate_up_proj, mlp.experts.down_proj).")
 
-    quantization: Literal["auto", "none", "8bit", "4bit"] = "auto"
-    gradient_checkpointing: Literal["auto"] | bool = "auto"
-    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    quantization: Literal["auto", "none", "8bit", "4bit"] = Field(
+        default="auto",
+        description="How the frozen base is held: 'auto' is the memory plan's pick (none if the model "
+                    "fits in 16 bits, else 4bit; none on a CPU); 4bit (QLoRA: NF4, double "
+                    "quantization, bf16 compute) and 8bit need a CUDA GPU.")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        default="auto",
+        description="Recompute activations in the backward pass: less memory, about a third more "
+                    "time. 'auto': on with a GPU.")
+    seed: int = Field(
+        default=42, ge=0, le=2**32 - 1,
+        description="Seeds the data order, the eval split and the LoRA initialisation: the same job "
+                    "trains the same adapter.")
 
-    logging_steps: int = Field(default=10, ge=1, le=100_000)
-    eval_steps: int | None = Field(default=None, ge=1, le=1_000_000)
-    save_steps: int | None = Field(default=None, ge=1, le=1_000_000)
-    save_total_limit: int = Field(default=2, ge=1, le=20)
+    logging_steps: int = Field(
+        default=10, ge=1, le=100_000,
+        description="Every this many steps, progress (loss, learning rate, tokens/s) is logged and sent.")
+    eval_steps: int | None = Field(
+        default=None, ge=1, le=1_000_000,
+        description="Evaluate every this many steps; unset: once per epoch. Only with eval data.")
+    save_steps: int | None = Field(
+        default=None, ge=1, le=1_000_000,
+        description="Checkpoint every this many steps, so a re-delivered or cut-short job resumes; "
+                    "unset: every tenth of the run.")
+    save_total_limit: int = Field(
+        default=2, ge=1, le=20,
+        description="Complete checkpoints kept on the volume (older ones are deleted); 2 so one "
+                    "survives while the next is written.")
 
     @field_validator("target_modules")
     @classmethod
@@ -148,7 +241,12 @@ class Hyperparameters(StrictModel):
 
 
 class OutputSpec(StrictModel):
-    prefix: str = Field(default="", max_length=512)
+    """Where the artifact lands."""
+
+    prefix: str = Field(
+        default="", max_length=512,
+        description="Artifacts land under <prefix>/<job_id>/ in the artifact store (below S3_PREFIX "
+                    "with S3); path segments of letters, digits, '_', '.', '=', '-'.")
 
     @field_validator("prefix")
     @classmethod
@@ -166,16 +264,47 @@ Action = Literal["train", "prefetch", "validate", "selftest"]
 
 
 class TrainingJob(StrictModel):
-    action: Action = "train"
-    job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN)
-    base_model: str | None = Field(default=None, min_length=1, max_length=4096)
-    model_revision: str | None = Field(default=None, max_length=255)
-    dataset: DatasetSpec | None = None
-    dataset_url: str | None = Field(default=None, min_length=1, max_length=8192)
-    init_adapter: str | None = Field(default=None, min_length=1, max_length=8192)
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    output: OutputSpec = Field(default_factory=OutputSpec)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    """A job's input: what RunPod passes as job["input"] (CONTRACT §1)."""
+
+    action: Action = Field(
+        default="train",
+        description="train: train an adapter. validate: check the input and the dataset, load no "
+                    "weights. prefetch: download base_model into the volume's cache and stop. "
+                    "selftest: the plumbing checklist on a tiny built-in model, against the configured "
+                    "volume, store and records.")
+    job_id: str | None = Field(
+        default=None, pattern=JOB_ID_PATTERN,
+        description="Your id for the job (e.g. the training_jobs row id); RunPod's job id when unset. "
+                    "An idempotency key: it names the checkpoints, the artifact and the record, so the "
+                    "same job delivered twice trains once.")
+    base_model: str | None = Field(
+        default=None, min_length=1, max_length=4096,
+        description="A Hugging Face repo id (org/name), a folder under the models root, or an absolute "
+                    "path on the volume. Unset: DEFAULT_BASE_MODEL, then MODEL_PATH.")
+    model_revision: str | None = Field(
+        default=None, max_length=255,
+        description="A branch, tag or commit sha of the repo; unset: main. The resolved commit is "
+                    "recorded with the adapter.")
+    dataset: DatasetSpec | None = Field(
+        default=None,
+        description="The training data: an object, or a string (its uri). Needed by train and "
+                    "validate.")
+    dataset_url: str | None = Field(
+        default=None, min_length=1, max_length=8192,
+        description="An alias of dataset.uri.")
+    init_adapter: str | None = Field(
+        default=None, min_length=1, max_length=8192,
+        description="An adapter to continue training (a volume path, s3:// or https:// folder); it is "
+                    "verified against the base before any weight loads, and keeps its own rank, alpha "
+                    "and target modules.")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters,
+        description="The training knobs; each has a default good for LoRA SFT.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where the artifact lands.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Free-form, stored with the job record; metadata.user_id names the record's owner "
+                    "(with Supabase, the owner's user id, a UUID).")
 
     @field_validator("dataset", mode="before")
     @classmethod
@@ -318,3 +447,68 @@ def job_json_schema() -> dict[str, Any]:
     schema = TrainingJob.model_json_schema()
     schema["title"] = "LoRA training job input"
     return schema
+
+
+# --------------------------------------------------------------------------------------------------
+# The README's hyperparameter table, generated from the fields above so the two cannot disagree.
+
+
+def hyperparameters_markdown() -> str:
+    """The hyperparameter table (name, default, bounds or values, meaning) as Markdown.
+
+    README.md holds this between its ``hyperparameters`` marker comments; ``python cli.py schema
+    --markdown`` prints it, and tests/test_readme.py fails when the README's copy differs.
+    """
+    rows = ["| name | default | bounds / values | meaning |", "|---|---|---|---|"]
+    for name, field in Hyperparameters.model_fields.items():
+        cells = (f"`{name}`", _markdown_default(field), _markdown_values(field), field.description or "")
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _markdown_default(field: FieldInfo) -> str:
+    return "unset" if field.default is None else _markdown_value(field.default)
+
+
+def _markdown_value(value: Any) -> str:
+    if isinstance(value, bool):  # before int: a bool is an int
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"`{value}`"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return f"{value:,}"
+
+
+def _markdown_values(field: FieldInfo) -> str:
+    """A range from the field's bounds ("1 … 1,024", "(0, 100]"), else its choices."""
+    low = high = None
+    low_open = high_open = False
+    for bound in field.metadata:  # pydantic keeps Field(ge=…, lt=…) as annotated_types.Ge, Lt, …
+        if getattr(bound, "ge", None) is not None:
+            low = bound.ge
+        elif getattr(bound, "gt", None) is not None:
+            low, low_open = bound.gt, True
+        elif getattr(bound, "le", None) is not None:
+            high = bound.le
+        elif getattr(bound, "lt", None) is not None:
+            high, high_open = bound.lt, True
+    kinds = _choices(field.annotation)
+    if low is not None and high is not None:
+        if "int" in kinds and not (low_open or high_open):
+            return f"{_markdown_value(low)} … {_markdown_value(high)}"
+        return f"{'(' if low_open else '['}{_markdown_value(low)}, {_markdown_value(high)}{')' if high_open else ']'}"
+    return ", ".join(kind for kind in kinds if kind not in ("int", "float"))
+
+
+def _choices(annotation: Any) -> list[str]:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return [_markdown_value(v) for v in get_args(annotation)]
+    if origin in (Union, types.UnionType):
+        return [kind for arg in get_args(annotation) for kind in _choices(arg)]
+    if origin is list:
+        return ["a list of names"]
+    if annotation is bool:
+        return ["true", "false"]
+    return {int: ["int"], float: ["float"], str: ["text"]}.get(annotation, [])

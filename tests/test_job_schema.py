@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from config.job import TrainingJob, job_json_schema
+from config.job import (
+    DatasetSpec,
+    Hyperparameters,
+    OutputSpec,
+    TrainingJob,
+    job_json_schema,
+)
 from errors import InputError
 
 DATA = {"uri": "datasets/x.jsonl"}
@@ -119,3 +125,29 @@ def test_schema_is_json_schema():
     assert schema["type"] == "object"
     assert {"base_model", "dataset", "hyperparameters", "action"} <= set(schema["properties"])
     assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("model", [TrainingJob, DatasetSpec, Hyperparameters, OutputSpec],
+                         ids=lambda m: m.__name__)
+def test_every_job_field_says_what_it_means(model):
+    undocumented = [name for name, field in model.model_fields.items()
+                    if not (field.description or "").strip()]
+    assert not undocumented, f"{model.__name__} fields without Field(description=…): {undocumented}"
+
+
+def test_cli_schema_shows_the_descriptions(capsys):
+    import json
+
+    import cli
+
+    assert cli.main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    lora_r = schema["$defs"]["Hyperparameters"]["properties"]["lora_r"]
+    assert "rank" in lora_r["description"] and lora_r["default"] == 16
+    assert "idempotency key" in schema["properties"]["job_id"]["description"]
+
+    assert cli.main(["schema", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| name | default | bounds / values | meaning |")
+    assert "| `lora_r` | 16 | 1 … 1,024 | LoRA rank" in table
+    assert "| `lora_dropout` | 0.05 | [0, 1) |" in table
