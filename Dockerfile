@@ -25,6 +25,10 @@ RUN pip install -r requirements.txt -r requirements-gpu.txt
 # The worker's code only: no tests, no test_input.json (the runpod SDK would run it and exit).
 COPY *.py ./
 COPY config/ config/
+COPY models/ models/
+COPY data/ data/
+COPY training/ training/
+COPY adapters/ adapters/
 COPY storage/ storage/
 COPY demo/ demo/
 

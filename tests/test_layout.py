@@ -94,3 +94,13 @@ def test_the_readme_layout_names_every_root_module_and_folder():
         if "/" in path and not path.startswith(".")}
     missing = (_root_modules() | folders) - named
     assert not missing, f"README.md's layout section does not name {sorted(missing)}: add a line for each"
+
+
+def test_the_image_copies_every_root_package():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY\s+([A-Za-z_]+)/\s", dockerfile, re.M))
+    packages = {name for name in _root_modules() if (ROOT / name / "__init__.py").is_file()}
+    missing = packages - copied
+    assert not missing, (f"the Dockerfile does not copy {sorted(missing)}: the worker would fail to import "
+                         "them on RunPod; add a COPY line for each")
+    assert re.search(r"^COPY \*\.py \./", dockerfile, re.M), "the Dockerfile must copy the root modules"
