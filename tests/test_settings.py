@@ -50,3 +50,19 @@ def test_empty_variables_mean_unset_and_lists_split(volume, monkeypatch):
     s = WorkerSettings()
     assert s.model_path is None and s.gpu_hourly_usd is None
     assert s.trust_remote_code_models == ["a/b", "c/d"]
+
+
+@pytest.mark.parametrize("env,group", [
+    ({"S3_BUCKET": "b"}, "s3"),
+    ({"SUPABASE_URL": "http://x"}, "supabase"),
+    ({"PRESIGN_SECONDS": "soon"}, "s3"),  # a variable of the S3 group, failing on its own
+    ({"MAX_TRAIN_SECONDS": "S3"}, None),  # "S3" in the text only: not the S3 group
+])
+def test_a_settings_error_names_its_group_from_what_failed(volume, monkeypatch, env, group):
+    from config.settings import settings_error_group
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings()
+    assert settings_error_group(info.value) == group
