@@ -236,7 +236,7 @@ def settings_error_group(exc: ValidationError) -> str | None:
             continue
         name = _field_named(str(err["loc"][0])) if err["loc"] else None
         groups.add("s3" if name in S3_FIELDS else "supabase" if name in SUPABASE_FIELDS else None)
-    # Several groups at once: the first stage a job reaches names it (S3 is checked before records).
+    # Both groups at once: the stage a job reaches first names it (upload comes before record).
     for group in ("s3", "supabase"):
         if group in groups:
             return group
