@@ -29,7 +29,13 @@ from typing import Any
 from config.settings import WorkerSettings
 from errors import InputError, ModelError
 from files import check_inside, is_within
-from models.cache import SHA, SHORT_SHA, cached_snapshot
+from models.cache import (
+    SHA,
+    SHORT_SHA,
+    cache_folder_name,
+    cache_identity,
+    cached_snapshot,
+)
 from models.folder import NEEDED_FILES, check_model_folder, folder_bytes
 from models.hub import check_remote_code, download_model, hub_api, hub_call, probe_hub
 from models.signature import ModelSignature, read_signature
@@ -112,9 +118,9 @@ def _canonical_id(folder: Path, settings: WorkerSettings) -> str:
     marker = _marker(folder)
     if marker.get("repo_id"):
         return str(marker["repo_id"])
-    parts = folder.parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3].removeprefix("models--").replace("--", "/", 1)
+    cached_id, _ = cache_identity(folder)
+    if cached_id is not None:
+        return cached_id
     root = settings.models_root.resolve()
     if is_within(folder, root) and folder != root:
         return folder.relative_to(root).as_posix()
@@ -131,10 +137,6 @@ def _holds(folder: Path, requested: str, settings: WorkerSettings) -> bool:
     tail = folder.as_posix().split("/")
     wanted = requested.split("/")
     return wanted == tail[-len(wanted):] and not _marker(folder)
-
-
-# --------------------------------------------------------------------------------------------------
-# the Hugging Face cache
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,6 +220,9 @@ def resolve_model(base_model: str | None, revision: str | None, settings: Worker
         # A bare name is far more often a mistyped folder than a legacy Hub id.
         raise miss.but(ModelError("it is not a Hugging Face repo id ('org/name'); fix the name or put the "
                                   "model on the volume under that folder"))
+    if cache_folder_name(requested) is None:
+        raise miss.but(ModelError("it is not a valid Hugging Face repo id (the Hub allows no '--' in one); "
+                                  "fix the name or put the model on the volume under that folder"))
     if not download:
         raise miss
     try:
