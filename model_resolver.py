@@ -38,12 +38,9 @@ from models.cache import (
 )
 from models.folder import NEEDED_FILES, check_model_folder, folder_bytes
 from models.hub import check_remote_code, download_model, hub_api, hub_call, probe_hub
-from models.signature import ModelSignature, read_signature
+from models.signature import ModelSignature, read_marker, read_signature
 
 logger = logging.getLogger(__name__)
-
-MARKER_NAME = ".worker-model.json"  # in a volume folder: its canonical id and commit
-
 
 class ModelNotCached(ModelError):
     """Nothing on the volume or in the cache, and downloading was not allowed here."""
@@ -106,16 +103,9 @@ def requested_model(base_model: str | None, settings: WorkerSettings) -> str:
     )
 
 
-def _marker(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _canonical_id(folder: Path, settings: WorkerSettings) -> str:
     """The repo id a local folder holds: its marker, its cache folder name, or its place under the models root."""
-    marker = _marker(folder)
+    marker = read_marker(folder)
     if marker.get("repo_id"):
         return str(marker["repo_id"])
     cached_id, _ = cache_identity(folder)
@@ -136,7 +126,7 @@ def _holds(folder: Path, requested: str, settings: WorkerSettings) -> bool:
     # snapshot_download(local_dir=".../org/name") or ".../name": the folder's own path says it.
     tail = folder.as_posix().split("/")
     wanted = requested.split("/")
-    return wanted == tail[-len(wanted):] and not _marker(folder)
+    return wanted == tail[-len(wanted):] and not read_marker(folder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,7 +140,7 @@ def _found(folder: Path, source: str, settings: WorkerSettings, revision: str | 
         raise ModelError(f"{folder} is not a complete model folder: {'; '.join(problems[:3])}; re-run prefetch "
                          "or copy the whole model there")
     if recorded is None:  # a folder on the volume: its marker (if any) says which commit it holds
-        recorded = _marker(folder).get("revision")
+        recorded = read_marker(folder).get("revision")
         pinned = bool(revision and (SHA.match(revision) or SHORT_SHA.match(revision)))
         if pinned and recorded and not str(recorded).startswith(revision):
             raise ModelError(
@@ -179,7 +169,7 @@ def _found(folder: Path, source: str, settings: WorkerSettings, revision: str | 
 def _unverifiable(folder: Path, revision: str | None) -> bool:
     """A commit pin cannot be checked against a folder that records no commit: don't use it."""
     return bool(revision and (SHA.match(revision) or SHORT_SHA.match(revision))
-                and not _marker(folder).get("revision"))
+                and not read_marker(folder).get("revision"))
 
 
 def resolve_model(base_model: str | None, revision: str | None, settings: WorkerSettings, *,

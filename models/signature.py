@@ -139,14 +139,21 @@ def hf_cache_identity(model_dir: Path) -> tuple[str | None, str | None]:
     return None, commit or None
 
 
-def marker_identity(model_dir: Path) -> tuple[str | None, str | None]:
-    """(repo id, commit) from the marker ``prefetch`` writes into a volume folder."""
+MARKER_NAME = ".worker-model.json"  # in a volume folder: its canonical repo id and commit
+
+
+def read_marker(model_dir: Path) -> dict[str, Any]:
+    """The marker of a volume folder ({} when it has none, or an unreadable one)."""
     try:
-        marker = json.loads((model_dir / ".worker-model.json").read_text())
+        marker = json.loads((model_dir / MARKER_NAME).read_text())
     except (OSError, ValueError):
-        return None, None
-    if not isinstance(marker, dict):
-        return None, None
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def marker_identity(model_dir: Path) -> tuple[str | None, str | None]:
+    """(repo id, commit) from a volume folder's marker."""
+    marker = read_marker(model_dir)
     return marker.get("repo_id"), marker.get("revision")
 
 

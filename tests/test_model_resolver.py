@@ -10,7 +10,8 @@ import pytest
 
 from config.settings import WorkerSettings
 from errors import InputError, ModelError
-from model_resolver import MARKER_NAME, resolve_model
+from model_resolver import resolve_model
+from models.signature import MARKER_NAME
 
 
 def test_folder_name_under_models_dir(settings):
