@@ -41,7 +41,7 @@ def fetch_adapter(refs: str | list[str], dest: Path, *, settings: WorkerSettings
     if first.startswith("s3://"):
         if len(refs) > 1:
             raise InputError("give one s3:// prefix (the adapter folder), not several")
-        return _download_s3(first, dest, settings)
+        return _download_s3(first, dest, settings, max_file_bytes)
     if first.startswith(("https://", "http://")):
         return _download_https(refs, dest, adapter_rules(settings, max_file_bytes))
     if len(refs) > 1:
@@ -60,7 +60,7 @@ def _safe_relative(name: str) -> bool:
     return bool(parts) and not Path(name).is_absolute() and ".." not in parts
 
 
-def _download_s3(uri: str, dest: Path, settings: WorkerSettings | None) -> Path:
+def _download_s3(uri: str, dest: Path, settings: WorkerSettings | None, max_file_bytes: int) -> Path:
     from botocore.exceptions import BotoCoreError, ClientError
 
     from storage.s3 import make_s3_client
@@ -74,10 +74,10 @@ def _download_s3(uri: str, dest: Path, settings: WorkerSettings | None) -> Path:
                          "AWS_SECRET_ACCESS_KEY)")
     client = make_s3_client(settings)
     try:
-        keys = []
+        sizes: dict[str, int] = {}
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys += [obj["Key"] for obj in page.get("Contents", [])]
-        names = {k[len(prefix):]: k for k in keys}
+            sizes.update({obj["Key"]: obj.get("Size", 0) for obj in page.get("Contents", [])})
+        names = {k[len(prefix):]: k for k in sizes}
         if ADAPTER_CONFIG_NAME not in names and f"adapter/{ADAPTER_CONFIG_NAME}" in names:
             names = {n[len("adapter/"):]: k for n, k in names.items() if n.startswith("adapter/")}
         if not names:
@@ -87,6 +87,9 @@ def _download_s3(uri: str, dest: Path, settings: WorkerSettings | None) -> Path:
         for name, key in sorted(names.items()):
             if not _safe_relative(name):
                 continue
+            if sizes[key] > max_file_bytes:
+                raise StorageError(f"s3://{bucket}/{key} is {sizes[key]} bytes, over the {max_file_bytes}-byte "
+                                   "cap for one adapter file; is the prefix an adapter folder?", retryable=False)
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, key, str(target))
