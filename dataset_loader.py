@@ -5,8 +5,8 @@ training job catch bad data before a GPU minute is spent. Every example becomes 
 ``labels``, where labels are ``-100`` on every token the model should not learn to produce (system and
 user turns, prompts) unless ``train_on_inputs`` is set.
 
-Sources (dataset_sources.py): inline ``records``, a file or folder on the volume, http(s) URLs,
-``s3://bucket/key`` and ``hf://org/name``. Files (dataset_files.py): JSONL, JSON arrays, CSV/TSV,
+Sources (data/sources.py): inline ``records``, a file or folder on the volume, http(s) URLs,
+``s3://bucket/key`` and ``hf://org/name``. Files (data/formats.py): JSONL, JSON arrays, CSV/TSV,
 Parquet, gzip-compressed text formats. Schemas: chat ``messages``, ShareGPT ``conversations``,
 prompt/completion, alpaca, plain text — detected per record or named by ``format``.
 
@@ -82,14 +82,6 @@ def _read_part(uri: str | None, records: list[dict] | None, spec: DatasetSpec, s
     examples = normalize_all(parsed.rows, parsed.where, spec.format, fetched.source)
     formats = sorted(set(parsed.file_formats))
     return _Part(examples, fetched.sha256, fetched.source, "+".join(formats), fetched.bytes, len(parsed.rows))
-
-
-# --------------------------------------------------------------------------------------------------
-# normalizing
-
-
-# --------------------------------------------------------------------------------------------------
-# tokenizing
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,10 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 from errors import InputError
 
@@ -46,20 +49,73 @@ def describe_files(folder: str | Path, *, exclude: tuple[str, ...] = (MANIFEST_N
     return entries
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON to a temporary name in the same folder, then rename it into place."""
+@contextmanager
+def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """A file opened on a unique temporary name beside ``path``, renamed onto it once complete.
+
+    A reader (another worker, a re-run) sees the old file or the whole new one, never a half-written
+    one; two writers never share a temporary name. On any error the temporary file is removed.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
+        with os.fdopen(fd, mode) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_writer(path, "wb") as fh:
+        fh.write(data)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_writer(path, "w") as fh:
+        fh.write(text)
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    with atomic_writer(path, "w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+
+
+def publish_folder(tmp: str | Path, final: str | Path, *, replace: bool = False) -> None:
+    """Rename a finished folder ``tmp`` onto ``final`` (same filesystem): ``final`` appears whole or not at all.
+
+    An empty ``final`` is taken over. A non-empty one is swapped out and removed when ``replace`` is
+    set (an earlier, incomplete copy of the same thing), and is otherwise an error: it is not ours.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if final.is_dir() and any(final.iterdir()):
+        if not replace:
+            raise FileExistsError(f"{final} exists and is not empty")
+        stale = final.with_name(f".{final.name}.stale-{uuid.uuid4().hex[:8]}")
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_folder(final.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    # The rename itself is durable only once the folder holding it is synced.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (network ones among them) refuse fsync on a folder: the rename stands
+    finally:
+        os.close(fd)
 
 
 def verify_files(folder: str | Path, manifest: dict[str, Any]) -> list[str]:

@@ -29,15 +29,18 @@ from typing import Any
 from config.settings import WorkerSettings
 from errors import InputError, ModelError
 from files import check_inside, is_within
-from models.cache import SHA, SHORT_SHA, cached_snapshot
+from models.cache import (
+    SHA,
+    SHORT_SHA,
+    cache_folder_name,
+    cache_identity,
+    cached_snapshot,
+)
 from models.folder import NEEDED_FILES, check_model_folder, folder_bytes
 from models.hub import check_remote_code, download_model, hub_api, hub_call, probe_hub
-from models.signature import ModelSignature, read_signature
+from models.signature import ModelSignature, read_marker, read_signature
 
 logger = logging.getLogger(__name__)
-
-MARKER_NAME = ".worker-model.json"  # in a volume folder: its canonical id and commit
-
 
 class ModelNotCached(ModelError):
     """Nothing on the volume or in the cache, and downloading was not allowed here."""
@@ -100,21 +103,14 @@ def requested_model(base_model: str | None, settings: WorkerSettings) -> str:
     )
 
 
-def _marker(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _canonical_id(folder: Path, settings: WorkerSettings) -> str:
     """The repo id a local folder holds: its marker, its cache folder name, or its place under the models root."""
-    marker = _marker(folder)
+    marker = read_marker(folder)
     if marker.get("repo_id"):
         return str(marker["repo_id"])
-    parts = folder.parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3].removeprefix("models--").replace("--", "/", 1)
+    cached_id, _ = cache_identity(folder)
+    if cached_id is not None:
+        return cached_id
     root = settings.models_root.resolve()
     if is_within(folder, root) and folder != root:
         return folder.relative_to(root).as_posix()
@@ -130,11 +126,7 @@ def _holds(folder: Path, requested: str, settings: WorkerSettings) -> bool:
     # snapshot_download(local_dir=".../org/name") or ".../name": the folder's own path says it.
     tail = folder.as_posix().split("/")
     wanted = requested.split("/")
-    return wanted == tail[-len(wanted):] and not _marker(folder)
-
-
-# --------------------------------------------------------------------------------------------------
-# the Hugging Face cache
+    return wanted == tail[-len(wanted):] and not read_marker(folder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,7 +140,7 @@ def _found(folder: Path, source: str, settings: WorkerSettings, revision: str | 
         raise ModelError(f"{folder} is not a complete model folder: {'; '.join(problems[:3])}; re-run prefetch "
                          "or copy the whole model there")
     if recorded is None:  # a folder on the volume: its marker (if any) says which commit it holds
-        recorded = _marker(folder).get("revision")
+        recorded = read_marker(folder).get("revision")
         pinned = bool(revision and (SHA.match(revision) or SHORT_SHA.match(revision)))
         if pinned and recorded and not str(recorded).startswith(revision):
             raise ModelError(
@@ -177,7 +169,7 @@ def _found(folder: Path, source: str, settings: WorkerSettings, revision: str | 
 def _unverifiable(folder: Path, revision: str | None) -> bool:
     """A commit pin cannot be checked against a folder that records no commit: don't use it."""
     return bool(revision and (SHA.match(revision) or SHORT_SHA.match(revision))
-                and not _marker(folder).get("revision"))
+                and not read_marker(folder).get("revision"))
 
 
 def resolve_model(base_model: str | None, revision: str | None, settings: WorkerSettings, *,
@@ -218,6 +210,9 @@ def resolve_model(base_model: str | None, revision: str | None, settings: Worker
         # A bare name is far more often a mistyped folder than a legacy Hub id.
         raise miss.but(ModelError("it is not a Hugging Face repo id ('org/name'); fix the name or put the "
                                   "model on the volume under that folder"))
+    if cache_folder_name(requested) is None:
+        raise miss.but(ModelError("it is not a valid Hugging Face repo id (the Hub allows no '--' in one); "
+                                  "fix the name or put the model on the volume under that folder"))
     if not download:
         raise miss
     try:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from adapters.manifest import MANIFEST_VERSION, library_versions
 from adapters.verify import AdapterInfo, BaseInfo, Verdict
-from files import MANIFEST_NAME, describe_files, write_json_atomic
+from files import MANIFEST_NAME, describe_files, publish_folder, write_json_atomic
 from models.signature import read_signature
 
 
@@ -85,9 +86,6 @@ def merge_adapter(adapter: AdapterInfo, base: BaseInfo, out: Path, verdict: Verd
     Written to a temporary folder next to ``out`` and renamed into place, manifest last: a folder at
     ``out`` is always complete.
     """
-    import shutil
-    from datetime import datetime, timezone
-
     model, tokenizer = load_adapted(adapter.folder, base.folder, device="cpu", dtype=dtype)
     merged = model.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +120,7 @@ def merge_adapter(adapter: AdapterInfo, base: BaseInfo, out: Path, verdict: Verd
         }
         manifest["files"] = [asdict(f) for f in describe_files(tmp)]
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        os.replace(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.fetch import _scrub_url, check_pair
+from adapters.fetch import check_pair, shown_ref
 from adapters.verify import DAMAGED, INCOMPATIBLE
-from files import FileEntry, describe_files
+from config.job import Hyperparameters
+from config.settings import WorkerSettings
+from errors import InputError, ModelError, StorageError
+from files import FileEntry, check_inside, describe_files
 
 
 @dataclass(frozen=True)
@@ -27,14 +31,12 @@ class InitAdapter:
                 "job_id": self.job_id, "files": [asdict(f) for f in self.files]}
 
 
-def prepare_init_adapter(ref: str, base_dir: Path, workdir: Path, settings: Any,
-                         hp: Any = None) -> InitAdapter:
+def prepare_init_adapter(ref: str, base_dir: Path, workdir: Path, settings: WorkerSettings,
+                         hp: Hyperparameters | None = None) -> InitAdapter:
     """Fetch ``init_adapter`` (s3://, https://, or a path on the volume) and verify it against the
     job's base, from files alone: an adapter that does not fit fails here, before any weight loads.
+    URLs go through the guarded client (ALLOW_PRIVATE_URLS, a size cap, a deadline).
     """
-    from errors import InputError, ModelError, StorageError
-    from files import check_inside
-
     if ref.startswith(("s3://", "https://", "http://")):
         folder_ref = ref
     else:
@@ -42,15 +44,14 @@ def prepare_init_adapter(ref: str, base_dir: Path, workdir: Path, settings: Any,
         path = Path(raw) if raw.startswith("/") else settings.volume_root / raw
         folder_ref = str(check_inside(str(path), settings.allowed_roots, "init_adapter"))
     if workdir.exists():
-        import shutil
-
         shutil.rmtree(workdir)  # a remote adapter from an earlier attempt: fetch it fresh
     workdir.mkdir(parents=True)
-    source = _scrub_url(ref)
+    source = shown_ref(ref)
     try:
-        verdict, adapter, _ = check_pair(folder_ref, str(base_dir), workdir, settings=settings)
+        verdict, adapter, _ = check_pair(folder_ref, str(base_dir), workdir, settings=settings,
+                                         cache_dir=settings.hf_cache_root / "hub")
     except StorageError as exc:
-        raise InputError(f"init_adapter could not be fetched: {exc.message}", retryable=True) from exc
+        raise InputError(f"init_adapter could not be fetched: {exc.message}", retryable=exc.retryable) from exc
     except InputError as exc:
         raise InputError(f"init_adapter: {exc.message}") from exc
     if verdict.status == DAMAGED:

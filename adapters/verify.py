@@ -1,9 +1,8 @@
-"""Which base an adapter belongs to: the architecture fingerprint and the manifest.
+"""Does an adapter fit a base? Decided from configs and safetensors headers alone: no weight loads, no torch.
 
-The fingerprint is computed from a model folder's files alone (config.json and the weight index),
-so it costs milliseconds and loads no weights. The manifest written last into an adapter folder
-records the base's id, revision and fingerprint, the PEFT settings, the data and every file's sha256;
-an adapter folder without it is incomplete.
+The base's side is its architecture signature (models/signature.py) and its weights' shapes; the
+adapter's side is adapter_config.json, its tensors' shapes and, when this worker made it, the
+manifest recording the base it was trained on. Every mismatch is reported in words, grouped by layer.
 """
 
 from __future__ import annotations
@@ -15,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from adapters.manifest import read_manifest
+from errors import InputError, ModelError
 from files import MANIFEST_NAME, verify_files
 from models.safetensors import read_safetensors_shapes, read_weight_shapes
 from models.signature import ModelSignature, describe_architecture, read_signature
-
-# --------------------------------------------------------------------------------------------------
-# Does an adapter fit a base? Read from headers and configs only: no weights are loaded, no torch.
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -63,8 +60,6 @@ class BaseInfo:
 
 def read_adapter(folder: str | Path, source: str | None = None) -> AdapterInfo:
     """Read an adapter folder without loading its weights; check its files against its manifest."""
-    from errors import InputError
-
     folder = Path(folder)
     source = source or str(folder)
     config_path = folder / ADAPTER_CONFIG_NAME
@@ -106,8 +101,6 @@ def read_adapter(folder: str | Path, source: str | None = None) -> AdapterInfo:
 
 
 def read_base(folder: str | Path, source: str | None = None) -> BaseInfo:
-    from errors import ModelError
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ModelError(
@@ -523,17 +516,3 @@ def _revision_warnings(verdict: Verdict, trained: dict[str, Any], arch: dict[str
     elif not (a and b) and same is None and not verdict.warnings:
         verdict.notes.append("neither a commit nor a weights digest is recorded on both sides: the "
                              "architecture matches, but whether the weights are the same is unknown")
-
-
-# --------------------------------------------------------------------------------------------------
-# Where the adapter and the base are: a folder, an s3:// prefix or https URLs; a repo id in the cache.
-
-
-# --------------------------------------------------------------------------------------------------
-# Apply and merge (these do load weights: only after the pair was verified).
-
-
-# --------------------------------------------------------------------------------------------------
-# Continued training: the worker's side of the same check.
-
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,8 +18,6 @@ class Fetched:
     source: str  # printable: never a query string or credentials
     sha256: str  # of the files' bytes, concatenated in order
     bytes: int
-    origin: str  # inline | volume | https | http | s3 | hf
-    details: dict[str, str] = field(default_factory=dict)
 
 
 def over_cap(name: str, size: int | str, cap: int) -> DatasetError:

@@ -1,4 +1,17 @@
-"""The one guarded HTTP client: allowed schemes and addresses at every redirect, a size cap while streaming, a deadline."""
+"""The one guarded HTTP client: datasets, init_adapter and adapter fetches all download through it.
+
+Every URL is checked before every connection, redirects included: http(s) only, no credentials in
+the URL, and the host must resolve only to public addresses. Loopback and private networks are
+allowed with ALLOW_PRIVATE_URLS; link-local addresses (169.254.169.254, the cloud metadata service,
+and fe80::/10) never are. The connection goes to the address that was checked (the host name is
+sent as Host and TLS server name), so DNS cannot swap in another address between check and connect.
+A size cap is enforced while streaming (not after), the whole download has a deadline, and the file
+is written to a unique temporary name and renamed into place when complete.
+
+Nothing raised or logged here carries a URL's query string (signed URLs carry their token there) or
+its credentials: every message uses ``display_url``. Each caller brings its ``Rules``: its error
+class (its stage), its limits and the words of its cap error.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +22,14 @@ import re
 import socket
 import ssl
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
 from urllib.parse import urljoin, urlsplit
 
-from config.settings import WorkerSettings
-from data.fetched import Fetched, over_cap, suffix_of
-from errors import DatasetError, scrub
+from errors import WorkerError, scrub
+from files import atomic_writer
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +40,30 @@ CHUNK = 1 << 20
 MAX_REDIRECTS = 5
 
 
-USER_AGENT = "lora-worker-dataset-fetch/1"
+USER_AGENT = "lora-worker-fetch/1"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What one kind of download may do, and how its failures read: one per caller."""
+
+    what: str  # plural noun for a refused address: "Datasets are fetched from public addresses only"
+    error_cls: type[WorkerError]  # the caller's stage
+    allow_private: bool  # ALLOW_PRIVATE_URLS
+    cap: int  # bytes: the declared Content-Length and the stream are checked against it
+    deadline_s: float  # for the whole download, redirects included
+    too_big: Callable[[str, int | str], WorkerError]  # (shown URL, size) → the caller's cap error
+    too_slow: str = "; try again"  # appended to the deadline error: the setting to raise, the fix
+
+    def fail(self, message: str, *, retryable: bool = False) -> WorkerError:
+        return self.error_cls(message, retryable=retryable)
+
+
+@dataclass(frozen=True)
+class Saved:
+    path: Path
+    sha256: str  # of the bytes as received
+    bytes: int
 
 
 def display_url(url: str) -> str:
@@ -35,13 +73,13 @@ def display_url(url: str) -> str:
         host = parts.hostname or ""
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
-        return scrub(url.split("?", 1)[0].split("#", 1)[0])
+        return scrub(re.sub(r"(?<=://)[^/@]*@", "", url.split("?", 1)[0].split("#", 1)[0]))
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-def check_address(address: str, settings: WorkerSettings) -> str | None:
+def check_address(address: str, allow_private: bool) -> str | None:
     """Why this IP may not be fetched from, or None if it may."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -53,7 +91,7 @@ def check_address(address: str, settings: WorkerSettings) -> str | None:
     if ip.is_global:
         return None
     if ip.is_loopback or ip.is_private or ip in _SHARED_V4:
-        if settings.allow_private_urls:
+        if allow_private:
             return None
         kind = "a loopback address" if ip.is_loopback else "a private-network address"
         return f"{kind}; set ALLOW_PRIVATE_URLS=true on the endpoint to allow it"
@@ -66,45 +104,53 @@ _METADATA_V6 = ipaddress.ip_network("fd00:ec2::/32")  # AWS's IPv6 metadata serv
 _SHARED_V4 = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT, also Tailscale's range
 
 
-def resolve_host(host: str, port: int, settings: WorkerSettings, shown: str) -> list[str]:
+def _resolve_host(host: str, port: int, rules: Rules, shown: str) -> list[str]:
     """Every address the host resolves to, each checked; one refused address refuses the host."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise DatasetError(f"{shown}: cannot resolve host {host!r} ({getattr(exc, 'strerror', None) or exc}); "
-                           "check the URL", retryable=True) from None
+        raise rules.fail(f"{shown}: cannot resolve host {host!r} ({getattr(exc, 'strerror', None) or exc}); "
+                         "check the URL", retryable=True) from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     for address in addresses:
-        why = check_address(address, settings)
+        why = check_address(address, rules.allow_private)
         if why is not None:
-            raise DatasetError(f"{shown} points at {address}, {why}. Datasets are fetched from public "
-                               "addresses only")
+            raise rules.fail(f"{shown} points at {address}, {why}. {rules.what} are fetched from public "
+                             "addresses only")
     return addresses
 
 
-def _check_url(url: str, settings: WorkerSettings) -> tuple[str, str, int, str, str]:
-    """(scheme, host, port, Host header, path?query) of an allowed URL, or DatasetError."""
+@dataclass(frozen=True)
+class _Target:
+    scheme: str
+    host: str
+    port: int
+    host_header: str
+    path: str  # with the query: what the request line sends
+
+
+def check_url(url: str, rules: Rules) -> _Target:
+    """Where an allowed URL points, or the caller's error saying why it is not allowed."""
     shown = display_url(url)
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise DatasetError(f"{shown} is not a valid URL; check it") from None
+        raise rules.fail(f"{shown} is not a valid URL; check it") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
-        raise DatasetError(f"{shown}: only http:// and https:// URLs are fetched, not {scheme or 'no scheme'}")
+        raise rules.fail(f"{shown}: only http:// and https:// URLs are fetched, not {scheme or 'no scheme'}")
     if parts.username is not None or parts.password is not None:
-        raise DatasetError(f"{shown}: URLs with a user name or password are refused (they would be logged); "
-                           "use a signed URL instead")
+        raise rules.fail(f"{shown}: URLs with a user name or password are refused (they would be logged); "
+                         "use a signed URL instead")
     host = parts.hostname
     if not host:
-        raise DatasetError(f"{shown} has no host; check the URL")
-    port = port or (443 if scheme == "https" else 80)
+        raise rules.fail(f"{shown} has no host; check the URL")
     host_header = f"[{host}]" if ":" in host else host
-    if parts.port:
-        host_header += f":{parts.port}"
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return scheme, host, port, host_header, target
+    if port:
+        host_header += f":{port}"
+    return _Target(scheme, host, port or (443 if scheme == "https" else 80), host_header,
+                   (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
 
 
 def _ssl_context() -> ssl.SSLContext:
@@ -118,55 +164,59 @@ def _ssl_context() -> ssl.SSLContext:
     return context
 
 
-def _open(url: str, settings: WorkerSettings, deadline: float):
+def _connect(target: _Target, address: str, context: ssl.SSLContext, remaining: float):
+    import urllib3
+
+    timeout = urllib3.Timeout(connect=min(30.0, remaining), read=min(120.0, remaining))
+    # The connection goes to the address just checked; the name is only Host and TLS SNI.
+    if target.scheme == "https":
+        return urllib3.HTTPSConnectionPool(address, target.port, timeout=timeout, retries=False, maxsize=1,
+                                           ssl_context=context, server_hostname=target.host,
+                                           assert_hostname=target.host)
+    return urllib3.HTTPConnectionPool(address, target.port, timeout=timeout, retries=False, maxsize=1)
+
+
+def _open(url: str, rules: Rules, deadline: float):
     """Follow up to MAX_REDIRECTS redirects, checking each URL; return (response, its pool, final URL)."""
     import urllib3
 
     context = _ssl_context()
     for _hop in range(MAX_REDIRECTS + 1):
-        scheme, host, port, host_header, target = _check_url(url, settings)
+        target = check_url(url, rules)
         shown = display_url(url)
-        addresses = resolve_host(host, port, settings, shown)
+        addresses = _resolve_host(target.host, target.port, rules, shown)
         response, pool, error = None, None, None
         for address in addresses:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            timeout = urllib3.Timeout(connect=min(30.0, remaining), read=min(120.0, remaining))
-            # The connection goes to the address just checked; the name is only Host and TLS SNI.
-            if scheme == "https":
-                pool = urllib3.HTTPSConnectionPool(address, port, timeout=timeout, retries=False, maxsize=1,
-                                                   ssl_context=context, server_hostname=host,
-                                                   assert_hostname=host)
-            else:
-                pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False, maxsize=1)
+            pool = _connect(target, address, context, remaining)
             try:
-                response = pool.urlopen("GET", target, headers={
-                    "Host": host_header, "User-Agent": USER_AGENT, "Accept-Encoding": "identity",
+                response = pool.urlopen("GET", target.path, headers={
+                    "Host": target.host_header, "User-Agent": USER_AGENT, "Accept-Encoding": "identity",
                     "Accept": "*/*"}, redirect=False, retries=False, preload_content=False,
                     assert_same_host=False)
                 break
             except urllib3.exceptions.SSLError as exc:
                 pool.close()
-                raise DatasetError(f"{shown}: TLS verification failed ({_reason(exc)}); the server's "
-                                   "certificate is not trusted") from None
+                raise rules.fail(f"{shown}: TLS verification failed ({_reason(exc)}); the server's "
+                                 "certificate is not trusted") from None
             except urllib3.exceptions.HTTPError as exc:
                 pool.close()
                 error = exc  # try the host's next address
         if response is None or pool is None:
             why = _reason(error) if error is not None else "the download deadline passed"
-            raise DatasetError(f"could not connect to {shown} ({why}); check the URL or try again",
-                               retryable=True)
+            raise rules.fail(f"could not connect to {shown} ({why}); check the URL or try again", retryable=True)
         if response.status in (301, 302, 303, 307, 308):
             location = response.headers.get("Location")
             response.release_conn()
             pool.close()
             if not location:
-                raise DatasetError(f"{shown} answered {response.status} without a Location; check the URL")
+                raise rules.fail(f"{shown} answered {response.status} without a Location; check the URL")
             url = urljoin(url, location)
             continue
         return response, pool, url
-    raise DatasetError(f"{display_url(url)}: more than {MAX_REDIRECTS} redirects; use the final URL")
+    raise rules.fail(f"{display_url(url)}: more than {MAX_REDIRECTS} redirects; use the final URL")
 
 
 def _reason(exc: BaseException | None) -> str:
@@ -181,63 +231,60 @@ def _reason(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-_STATUS_HINTS = {
-    400: "the request was refused; a signed URL may be malformed or expired: sign a new one",
-    401: "access denied; a signed URL may have expired: sign a new one",
-    403: "access denied; a signed URL may have expired: sign a new one",
-    404: "the file is not there; check the link (the object may have been moved or deleted)",
-    410: "the file is gone; upload it again",
-}
+def save_chunks(chunks: Iterable[bytes], target: Path, rules: Rules, shown: str, deadline: float) -> Saved:
+    """Write a stream to ``target`` (atomically), hashing it, stopping at the cap or the deadline."""
+    digest = hashlib.sha256()
+    size = 0
+    with atomic_writer(target) as out:
+        for chunk in chunks:
+            size += len(chunk)
+            if size > rules.cap:
+                raise rules.too_big(shown, f"more than {rules.cap}")
+            if time.monotonic() > deadline:
+                raise rules.fail(f"{shown}: the download took longer than {rules.deadline_s:.0f}s{rules.too_slow}",
+                                 retryable=True)
+            digest.update(chunk)
+            out.write(chunk)
+    return Saved(target, digest.hexdigest(), size)
 
 
-def fetch_url(url: str, target: Path, settings: WorkerSettings) -> Fetched:
-    import urllib3
+@dataclass(frozen=True)
+class Response:
+    """An answer to a checked GET, redirects followed; the body is read by ``save``."""
 
-    started = time.monotonic()
-    deadline = started + settings.dataset_download_timeout_s
-    cap = settings.max_dataset_bytes
-    response, pool, final = _open(url, settings, deadline)
-    shown = display_url(url)
+    status: int
+    reason: str
+    headers: Mapping[str, str]
+    url: str  # the final URL, after redirects
+    shown: str  # the URL asked for, as messages show it
+    _raw: object
+    _rules: Rules
+    _deadline: float
+
+    def save(self, target: Path) -> Saved:
+        """The body into ``target``, within the caller's cap and deadline."""
+        import urllib3
+
+        declared = self.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > self._rules.cap:
+            raise self._rules.too_big(self.shown, int(declared))
+        try:
+            saved = save_chunks(self._raw.stream(CHUNK, decode_content=True), target, self._rules,  # type: ignore[attr-defined]
+                                self.shown, self._deadline)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # dropped or timed out mid-file, or a full disk
+            raise self._rules.fail(f"the download of {self.shown} failed ({_reason(exc)}); try again",
+                                   retryable=True) from None
+        logger.info("downloaded %s (%d bytes)", self.shown, saved.bytes)
+        return saved
+
+
+@contextmanager
+def open_url(url: str, rules: Rules) -> Iterator[Response]:
+    """GET ``url`` under ``rules``: every hop checked, the connection released afterwards."""
+    deadline = time.monotonic() + rules.deadline_s
+    raw, pool, final = _open(url, rules, deadline)
     try:
-        if response.status != 200:
-            retry = response.status >= 500 or response.status == 429
-            hint = _STATUS_HINTS.get(response.status) or ("the server failed; try again" if retry
-                                                          else "check the URL")
-            raise DatasetError(f"{shown} answered {response.status} {response.reason or ''}".rstrip()
-                               + f": {hint}", retryable=retry)
-        content_type = (response.headers.get("Content-Type") or "").lower()
-        if content_type.startswith("text/html"):
-            raise DatasetError(f"{shown} returned an HTML page, not a data file; use a direct download "
-                               "link (e.g. a Supabase Storage signed URL)")
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > cap:
-            raise over_cap(shown, int(declared), cap)
-        digest = hashlib.sha256()
-        size = 0
-        with open(target, "wb") as out:
-            for chunk in response.stream(CHUNK, decode_content=True):
-                size += len(chunk)
-                if size > cap:
-                    raise over_cap(shown, f"more than {cap}", cap)
-                if time.monotonic() > deadline:
-                    raise DatasetError(f"{shown}: the download took longer than "
-                                       f"{settings.dataset_download_timeout_s:.0f}s "
-                                       "(DATASET_DOWNLOAD_TIMEOUT_S); try again or host it closer",
-                                       retryable=True)
-                digest.update(chunk)
-                out.write(chunk)
-    except (urllib3.exceptions.HTTPError, OSError) as exc:  # dropped or timed out mid-file, or a full disk
-        raise DatasetError(f"the download of {shown} failed ({_reason(exc)}); try again",
-                           retryable=True) from None
+        yield Response(raw.status, raw.reason or "", raw.headers, final, display_url(url), raw, rules, deadline)
     finally:
-        response.release_conn()
+        raw.release_conn()
         pool.close()
-    logger.info("downloaded %s (%d bytes) in %.1fs", shown, size, time.monotonic() - started)
-    details = {"final_url": display_url(final)} if final != url else {}
-    if not suffix_of(url):
-        # The file's kind may only show after a redirect or in Content-Disposition: name the copy by it.
-        disposition = re.search(r'filename="?([^";]+)"?', response.headers.get("Content-Disposition") or "")
-        suffix = suffix_of(final) or (suffix_of(disposition.group(1)) if disposition else "")
-        if suffix:
-            target = target.rename(target.with_name(target.name + suffix))
-    return Fetched([target], [shown], shown, digest.hexdigest(), size, urlsplit(url).scheme.lower(), details)

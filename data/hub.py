@@ -25,8 +25,11 @@ import time
 from pathlib import Path
 
 from config.settings import WorkerSettings
+from data.fetched import Fetched, over_cap
 from data.formats import is_data_file
 from errors import DatasetError
+from files import sha256_files
+from hub_errors import HubTarget, hub_error
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +166,7 @@ def _some(files: list[str]) -> str:
 
 
 def fetch_hub_dataset(uri: str, settings: WorkerSettings, *, subset: str | None, split: str | None,
-                      for_eval: bool = False):
-    from data.fetched import Fetched, over_cap
-    from files import sha256_files
-
+                      for_eval: bool = False) -> Fetched:
     started = time.monotonic()
     repo_id, revision, path = parse_hf_uri(uri)
     shown = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
@@ -193,9 +193,7 @@ def fetch_hub_dataset(uri: str, settings: WorkerSettings, *, subset: str | None,
                 subset or "-", split, len(files), total, "download" if downloaded or source == "download"
                 else "hf_cache", time.monotonic() - started)
     label = shown + (f" ({subset}, {split})" if subset else f" ({split})")
-    return Fetched(paths, [f"{shown}/{f}" for f in files], label, sha256_files(paths), total, "hf",
-                   {"repo_id": repo_id, "commit": commit, "subset": subset or "", "split": split,
-                    "from": "download" if downloaded or source == "download" else "hf_cache"})
+    return Fetched(paths, [f"{shown}/{f}" for f in files], label, sha256_files(paths), total)
 
 
 def _card(readme: Path) -> dict:
@@ -244,8 +242,9 @@ class _Hub:
                                f"({self.cache_dir}) and HF_HUB_OFFLINE is set; unset it or prefetch the dataset")
         try:
             return self._download(patterns, local=False), True
-        except Exception as exc:
-            raise self._error(exc) from None
+        except Exception as exc:  # whatever the client raised, in the words of hub_errors
+            raise hub_error(exc, HubTarget("dataset", self.repo_id, self.revision,
+                                           has_token=self.settings.hf_token is not None, shown=self.shown)) from None
 
     def listing(self) -> tuple[Path, dict[str, int | None], str]:
         """(snapshot folder with README.md if the repo has one, {path: size} of every file, source)."""
@@ -261,24 +260,3 @@ class _Hub:
             # A snapshot cached without its tree listing (an older client): what is on disk is all we know.
             listing = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
         return folder, listing, "download" if downloaded else "hf_cache"
-
-    def _error(self, exc: Exception) -> DatasetError:
-        from huggingface_hub import errors as hub_errors
-
-        name = type(exc).__name__
-        if isinstance(exc, hub_errors.GatedRepoError):
-            return DatasetError(f"{self.shown} is gated: accept its terms on the Hub with the account whose "
-                                "HF_TOKEN the endpoint uses, or set HF_TOKEN")
-        if isinstance(exc, hub_errors.RepositoryNotFoundError):
-            return DatasetError(f"{self.shown}: no such dataset on the Hub (or it is private: set HF_TOKEN); "
-                                "check the name")
-        if isinstance(exc, hub_errors.RevisionNotFoundError):
-            return DatasetError(f"{self.shown}: revision {self.revision!r} does not exist; use a branch, tag or "
-                                "commit of the dataset")
-        if isinstance(exc, hub_errors.HfHubHTTPError):
-            status = exc.response.status_code if exc.response is not None else "?"
-            return DatasetError(f"{self.shown}: the Hub answered {status}; try again", retryable=True)
-        if isinstance(exc, (hub_errors.LocalEntryNotFoundError, OSError)) or "httpx" in type(exc).__module__:
-            return DatasetError(f"{self.shown}: the Hub could not be reached ({name}); try again or prefetch "
-                                "the dataset onto the volume", retryable=True)
-        return DatasetError(f"{self.shown}: download failed ({name}); try again", retryable=True)

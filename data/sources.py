@@ -3,12 +3,7 @@
 Remote files are streamed to a temporary folder, hashed and counted on the way: the size cap
 (MAX_DATASET_BYTES) stops a download as soon as it is passed, not after, and the whole download has
 a deadline (DATASET_DOWNLOAD_TIMEOUT_S). The temporary folder is removed when the caller is done.
-
-URLs are checked before every connection, redirects included: http(s) only, no credentials in the
-URL, and the host must resolve only to public addresses. Loopback and private networks are allowed
-with ALLOW_PRIVATE_URLS; link-local addresses (169.254.169.254, the cloud metadata service, and
-fe80::/10) never are. The connection goes to the address that was checked (the host name is sent as
-Host and TLS server name), so DNS cannot swap in another address between check and connect.
+URLs go through the guarded client (data/http.py): public addresses only unless ALLOW_PRIVATE_URLS.
 
 Nothing printed, logged or raised here carries a URL's query string (signed URLs carry their token
 there) or its credentials: every message uses ``display_url``.
@@ -16,8 +11,8 @@ there) or its credentials: every message uses ``display_url``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -27,7 +22,8 @@ from typing import Iterator
 
 from config.settings import WorkerSettings
 from data.fetched import Fetched, over_cap, suffix_of
-from data.http import CHUNK, fetch_url
+from data.formats import is_data_file
+from data.http import CHUNK, Rules, open_url, save_chunks
 from errors import DatasetError, InputError
 from files import check_inside, sha256_files
 
@@ -42,11 +38,10 @@ def fetch(uri: str, settings: WorkerSettings, *, subset: str | None = None, spli
     if scheme in ("http", "https", "s3"):
         workdir = Path(tempfile.mkdtemp(prefix="dataset-"))
         try:
-            target = workdir / ("data" + suffix_of(uri))
             if scheme == "s3":
-                yield _fetch_s3(uri, target, settings)
+                yield _fetch_s3(uri, workdir / ("data" + suffix_of(uri)), settings)
             else:
-                yield fetch_url(uri, target, settings)
+                yield _fetch_url(uri, workdir, settings)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return
@@ -66,8 +61,6 @@ def fetch(uri: str, settings: WorkerSettings, *, subset: str | None = None, spli
 
 
 def _fetch_volume(uri: str, settings: WorkerSettings, what: str) -> Fetched:
-    from data.formats import is_data_file
-
     path = Path(uri) if uri.startswith("/") else settings.volume_root / uri
     try:
         path = check_inside(str(path), (settings.volume_root,), "dataset path")
@@ -88,11 +81,49 @@ def _fetch_volume(uri: str, settings: WorkerSettings, what: str) -> Fetched:
     size = sum(p.stat().st_size for p in paths)
     if size > settings.max_dataset_bytes:
         raise over_cap(f"dataset {uri}", size, settings.max_dataset_bytes)
-    return Fetched(paths, names, uri, sha256_files(paths), size, "volume")
+    return Fetched(paths, names, uri, sha256_files(paths), size)
 
 
 # --------------------------------------------------------------------------------------------------
 # http(s)
+
+
+def dataset_rules(settings: WorkerSettings) -> Rules:
+    return Rules("Datasets", DatasetError, settings.allow_private_urls, settings.max_dataset_bytes,
+                 settings.dataset_download_timeout_s,
+                 too_big=lambda shown, size: over_cap(shown, size, settings.max_dataset_bytes),
+                 too_slow=" (DATASET_DOWNLOAD_TIMEOUT_S); try again or host it closer")
+
+
+_STATUS_HINTS = {
+    400: "the request was refused; a signed URL may be malformed or expired: sign a new one",
+    401: "access denied; a signed URL may have expired: sign a new one",
+    403: "access denied; a signed URL may have expired: sign a new one",
+    404: "the file is not there; check the link (the object may have been moved or deleted)",
+    410: "the file is gone; upload it again",
+}
+
+
+def _fetch_url(url: str, workdir: Path, settings: WorkerSettings) -> Fetched:
+    started = time.monotonic()
+    with open_url(url, dataset_rules(settings)) as response:
+        shown = response.shown
+        if response.status != 200:
+            retry = response.status >= 500 or response.status == 429
+            hint = _STATUS_HINTS.get(response.status) or ("the server failed; try again" if retry
+                                                          else "check the URL")
+            raise DatasetError(f"{shown} answered {response.status} {response.reason}".rstrip() + f": {hint}",
+                               retryable=retry)
+        if (response.headers.get("Content-Type") or "").lower().startswith("text/html"):
+            raise DatasetError(f"{shown} returned an HTML page, not a data file; use a direct download "
+                               "link (e.g. a Supabase Storage signed URL)")
+        # The file's kind may only show after a redirect or in Content-Disposition: name the copy by it.
+        disposition = re.search(r'filename="?([^";]+)"?', response.headers.get("Content-Disposition") or "")
+        suffix = suffix_of(url) or suffix_of(response.url) or (suffix_of(disposition.group(1)) if disposition
+                                                                else "")
+        saved = response.save(workdir / ("data" + suffix))
+    logger.info("downloaded %s (%d bytes) in %.1fs", shown, saved.bytes, time.monotonic() - started)
+    return Fetched([saved.path], [shown], shown, saved.sha256, saved.bytes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,20 +159,10 @@ def _fetch_s3(uri: str, target: Path, settings: WorkerSettings) -> Fetched:
         if head.get("ContentLength", 0) > cap:
             raise over_cap(shown, head["ContentLength"], cap)
         body = client.get_object(Bucket=bucket, Key=key)["Body"]
-        digest = hashlib.sha256()
-        size = 0
-        with open(target, "wb") as out:
-            for chunk in body.iter_chunks(CHUNK):
-                size += len(chunk)
-                if size > cap:
-                    raise over_cap(shown, f"more than {cap}", cap)
-                if time.monotonic() > deadline:
-                    raise DatasetError(f"{shown}: the download took longer than "
-                                       f"{settings.dataset_download_timeout_s:.0f}s (DATASET_DOWNLOAD_TIMEOUT_S)",
-                                       retryable=True)
-                digest.update(chunk)
-                out.write(chunk)
-        body.close()
+        try:
+            saved = save_chunks(body.iter_chunks(CHUNK), target, dataset_rules(settings), shown, deadline)
+        finally:
+            body.close()
     except botocore.exceptions.ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchKey", "NotFound"):
@@ -155,6 +176,6 @@ def _fetch_s3(uri: str, target: Path, settings: WorkerSettings) -> Fetched:
     except botocore.exceptions.BotoCoreError as exc:
         raise DatasetError(f"{shown}: the S3 store could not be reached ({type(exc).__name__}); check "
                            "S3_ENDPOINT_URL or try again", retryable=True) from None
-    logger.info("downloaded %s (%d bytes) in %.1fs", shown, size, time.monotonic() - started)
-    return Fetched([target], [shown], shown, digest.hexdigest(), size, "s3")
+    logger.info("downloaded %s (%d bytes) in %.1fs", shown, saved.bytes, time.monotonic() - started)
+    return Fetched([saved.path], [shown], shown, saved.sha256, saved.bytes)
 

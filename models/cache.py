@@ -9,13 +9,21 @@ import re
 from pathlib import Path
 
 from config.settings import WorkerSettings
+from errors import ModelError
 from models.folder import check_model_folder
 
 logger = logging.getLogger(__name__)
 
+SHA = re.compile(r"^[0-9a-f]{40}$")
+SHORT_SHA = re.compile(r"^[0-9a-f]{7,39}$")
+
 
 def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment now (not at huggingface_hub's import)."""
+    """The Hugging Face hub cache of the user's machine, as huggingface_hub finds it.
+
+    For the CLI only (an entry reads the environment; stages are handed the folder): the worker's
+    own cache is ``WorkerSettings.hf_cache_root / "hub"``.
+    """
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(
@@ -23,14 +31,48 @@ def hf_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def locate_base(ref: str, revision: str | None = None) -> Path:
-    """A base model folder: ``ref`` itself, or the repo id's snapshot in the local Hugging Face cache.
+# --------------------------------------------------------------------------------------------------
+# The cache's folder names: models--org--name ↔ org/name. The Hub allows neither "--" nor more than
+# one "/" in a repo id, which is what makes the name reversible; an id outside that has no folder.
+
+CACHE_SEPARATOR = "--"
+
+
+def cache_folder_name(repo_id: str, repo_type: str = "model") -> str | None:
+    """``models--org--name`` for ``org/name`` (huggingface_hub's rule); None for an id the Hub refuses."""
+    parts = repo_id.split("/")
+    if len(parts) > 2 or not all(parts) or any(CACHE_SEPARATOR in part for part in parts):
+        return None
+    return CACHE_SEPARATOR.join([f"{repo_type}s", *parts])
+
+
+def repo_id_of_cache_folder(name: str, repo_type: str = "model") -> str | None:
+    """``org/name`` for a cache folder ``models--org--name``; None if ``name`` is no such folder."""
+    prefix = f"{repo_type}s{CACHE_SEPARATOR}"
+    if not name.startswith(prefix):
+        return None
+    parts = name[len(prefix):].split(CACHE_SEPARATOR)
+    if len(parts) > 2 or not all(parts):
+        return None
+    return "/".join(parts)
+
+
+def cache_identity(folder: Path) -> tuple[str | None, str | None]:
+    """(repo id, commit) of a snapshot folder in the cache (``…/models--org--name/snapshots/<sha>``)."""
+    parts = folder.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots":
+        repo_id = repo_id_of_cache_folder(parts[-3])
+        if repo_id is not None:
+            return repo_id, parts[-1]
+    return None, None
+
+
+def locate_base(ref: str, revision: str | None, cache_dir: Path) -> Path:
+    """A base model folder: ``ref`` itself, or the repo id's snapshot in the Hugging Face cache ``cache_dir``.
 
     Offline by construction (``local_files_only``): checking or applying an adapter never downloads
     a base model.
     """
-    from errors import ModelError
-
     path = Path(ref).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -40,13 +82,12 @@ def locate_base(ref: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    cache = hf_cache_dir()
     try:
-        return Path(snapshot_download(ref, revision=revision, local_files_only=True, cache_dir=cache))
+        return Path(snapshot_download(ref, revision=revision, local_files_only=True, cache_dir=cache_dir))
     except (LocalEntryNotFoundError, HfHubHTTPError, ValueError, OSError) as exc:
         raise ModelError(
             f"base {ref}{'@' + revision if revision else ''} is neither a folder nor in the Hugging Face "
-            f"cache at {cache} ({type(exc).__name__}); download it first (`hf download {ref}`) or "
+            f"cache at {cache_dir} ({type(exc).__name__}); download it first (`hf download {ref}`) or "
             "name its folder"
         ) from None
 
@@ -54,14 +95,16 @@ def locate_base(ref: str, revision: str | None = None) -> Path:
 COMPLETE_DIR = "worker-complete"  # in a cache repo folder: <sha>.json, written after a verified download
 
 
-def repo_folder(settings: WorkerSettings, repo_id: str) -> Path:
-    return settings.hf_cache_root / "hub" / ("models--" + repo_id.replace("/", "--"))
+def repo_folder(settings: WorkerSettings, repo_id: str) -> Path | None:
+    """The worker cache's folder of ``repo_id``; None for an id the Hub refuses (it can have none)."""
+    name = cache_folder_name(repo_id)
+    return settings.hf_cache_root / "hub" / name if name is not None else None
 
 
 def cached_snapshot(repo_id: str, revision: str | None, settings: WorkerSettings) -> tuple[Path, str] | None:
     """A complete cached snapshot of ``repo_id`` at ``revision``, found without any network call."""
     repo_dir = repo_folder(settings, repo_id)
-    if not repo_dir.is_dir():
+    if repo_dir is None or not repo_dir.is_dir():
         return None
     rev = revision or "main"
     sha: str | None = None
@@ -99,8 +142,3 @@ def verify_against_marker(snapshot: Path, marker: Path) -> list[str]:
             problems.append(f"{name} is missing or has the wrong size")
     return problems
 
-
-SHA = re.compile(r"^[0-9a-f]{40}$")
-
-
-SHORT_SHA = re.compile(r"^[0-9a-f]{7,39}$")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from models.safetensors import safetensors_extent
+from models.safetensors import SafetensorsError, safetensors_extent, weight_files
 
 # Root-level files loading needs besides the weights: configs, tokenizers, chat templates.
 NEEDED_FILES = re.compile(
@@ -25,15 +24,11 @@ def check_model_folder(folder: Path, *, allow_pickle: bool = False) -> list[str]
     problems: list[str] = []
     if not (folder / "config.json").is_file():
         return [f"{folder} has no config.json"]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError):
-            return [f"{index.name} is not a valid weight index"]
-    elif (folder / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
+    try:
+        shards = weight_files(folder)
+    except SafetensorsError as exc:
+        return [str(exc)]
+    if shards is None:
         pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pth"))
         if pickles and not allow_pickle:
             return [f"{folder} has only pickle weights ({', '.join(pickles[:3])}), which run code when "

@@ -1,4 +1,4 @@
-"""The Hugging Face Hub: one error map, the download of what loading needs, and a lock per repo."""
+"""The Hugging Face Hub: calls with its errors mapped, the download of what loading needs, and a lock per repo."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 
 from config.settings import WorkerSettings
 from errors import ModelError
-from files import write_json_atomic
+from files import write_json_atomic, write_text_atomic
+from hub_errors import HubTarget, hub_error
 from models.cache import COMPLETE_DIR, SHA, cached_snapshot, repo_folder
 from models.folder import NEEDED_FILES, check_model_folder
 
@@ -62,31 +63,6 @@ def hub_api(settings: WorkerSettings):
     return HfApi(endpoint=settings.hf_endpoint, token=token)
 
 
-def hub_error(exc: BaseException, repo_id: str, revision: str | None, settings: WorkerSettings) -> ModelError:
-    """The Hub's exceptions, in words a user can act on."""
-    from huggingface_hub import errors as hf_errors
-
-    if isinstance(exc, hf_errors.GatedRepoError):
-        hint = "HF_TOKEN is not set" if settings.hf_token is None else "the account of HF_TOKEN has no access"
-        return ModelError(f"{repo_id} is a gated model and {hint}: accept its license on huggingface.co and "
-                          "set HF_TOKEN on the endpoint to a token of that account")
-    if isinstance(exc, hf_errors.RepositoryNotFoundError):
-        return ModelError(f"{repo_id} was not found on the Hugging Face Hub (a private repo also needs HF_TOKEN); "
-                          "check the id, or put the model on the volume under MODELS_DIR")
-    if isinstance(exc, hf_errors.RevisionNotFoundError):
-        return ModelError(f"revision {revision!r} of {repo_id} does not exist on the Hub; use a branch, tag or "
-                          "commit of that repo")
-    if isinstance(exc, hf_errors.OfflineModeIsEnabled) or (
-            isinstance(exc, hf_errors.LocalEntryNotFoundError) and "HF_HUB_OFFLINE" in str(exc)):
-        return ModelError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded; prefetch it onto the "
-                          "volume or unset HF_HUB_OFFLINE")
-    return ModelError(
-        f"downloading {repo_id} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
-        "what was downloaded is kept in the cache and a re-run resumes it",
-        retryable=True,
-    )
-
-
 def hub_call(fn, repo_id: str, revision: str | None, settings: WorkerSettings):
     import httpx2
     from huggingface_hub import errors as hf_errors
@@ -95,7 +71,7 @@ def hub_call(fn, repo_id: str, revision: str | None, settings: WorkerSettings):
         return fn()
     except (hf_errors.HfHubHTTPError, hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError,
             httpx2.HTTPError, OSError) as exc:
-        raise hub_error(exc, repo_id, revision, settings) from exc
+        raise hub_error(exc, HubTarget("model", repo_id, revision, has_token=settings.hf_token is not None)) from exc
 
 
 def probe_hub(repo_id: str, revision: str | None, settings: WorkerSettings) -> str:
@@ -135,6 +111,8 @@ def download_model(repo_id: str, revision: str | None, settings: WorkerSettings)
     from huggingface_hub import hf_hub_download, snapshot_download
 
     repo_dir = repo_folder(settings, repo_id)
+    if repo_dir is None:
+        raise ModelError(f"{repo_id} is not a valid Hugging Face repo id ('org/name', without '--'); fix the id")
     lock_path = settings.hf_cache_root / "hub" / ".locks" / "worker" / f"{repo_dir.name}.lock"
     with RepoLock(lock_path, repo_id, settings.download_lock_timeout_s):
         cached = cached_snapshot(repo_id, revision, settings)
@@ -171,15 +149,13 @@ def download_model(repo_id: str, revision: str | None, settings: WorkerSettings)
         if problems:
             raise ModelError(f"the download of {repo_id}@{sha[:12]} is incomplete ({'; '.join(problems[:3])}); "
                              "re-run to resume it", retryable=True)
-        if revision and not SHA.match(revision):
+        if not revision or not SHA.match(revision):
             # snapshot_download was given the commit: record the branch/tag → commit ref ourselves, as the
-            # cache does, so an offline lookup of the same name finds it next time.
-            ref = repo_dir / "refs" / revision
+            # cache does, so an offline lookup of the same name finds it next time. Other workers read
+            # refs without our lock: write them whole.
+            ref = repo_dir / "refs" / (revision or "main")
             ref.parent.mkdir(parents=True, exist_ok=True)
-            ref.write_text(sha)
-        elif not revision:
-            (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-            (repo_dir / "refs" / "main").write_text(sha)
+            write_text_atomic(ref, sha)
         seconds = time.monotonic() - started
         (repo_dir / COMPLETE_DIR).mkdir(parents=True, exist_ok=True)
         write_json_atomic(repo_dir / COMPLETE_DIR / f"{sha}.json", {  # the completion marker, last

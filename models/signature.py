@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from files import sha256_file
+from models.cache import cache_identity
+from models.safetensors import INDEX_NAME
 
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
 
 
 # Architecture fields, looked up under every spelling the families use.
@@ -34,10 +36,6 @@ _SIGNATURE_FIELDS: dict[str, tuple[str, ...]] = {
     "layer_types": ("layer_types",),
     "tie_word_embeddings": ("tie_word_embeddings",),
 }
-
-
-# Not part of the architecture: which exact weights and which published snapshot a folder holds.
-_IDENTITY_KEYS = ("repo_id", "commit", "weights_sample_sha256")
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -95,12 +93,9 @@ class ModelSignature:
             "weights_sample_sha256": self.weights_sample_sha256,
         }
 
-    def describe(self) -> str:
-        """'llama (2 layers, hidden 64)' — the words used in mismatch messages."""
-        return describe_architecture(self.to_dict())
-
 
 def describe_architecture(arch: dict[str, Any]) -> str:
+    """'llama (2 layers, hidden 64)': the words mismatch messages use for an architecture."""
     layers = arch.get("num_hidden_layers")
     hidden = arch.get("hidden_size")
     return f"{arch.get('model_type')} ({layers} layers, hidden {hidden})"
@@ -111,6 +106,8 @@ def weights_sample_digest(model_dir: str | Path) -> str | None:
 
     Reads ~128 KiB per file (milliseconds even for a 160 GB model), so it is no full checksum: it
     tells different weights apart (another seed, another fine-tune) without reading them all.
+    Every weight file at the root counts, not only the shards loading reads (``weight_files``): the
+    digest is recorded in manifests already written, and must come out the same for the same folder.
     """
     model_dir = Path(model_dir)
     files = sorted(p for p in model_dir.iterdir()
@@ -131,9 +128,9 @@ def weights_sample_digest(model_dir: str | Path) -> str | None:
 
 def hf_cache_identity(model_dir: Path) -> tuple[str | None, str | None]:
     """(repo id, commit) of a folder in the Hugging Face cache or made by snapshot_download(local_dir)."""
-    parts = model_dir.resolve().parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3][len("models--"):].replace("--", "/"), parts[-1]
+    repo_id, commit = cache_identity(model_dir.resolve())
+    if repo_id is not None:
+        return repo_id, commit
     metadata = model_dir / ".cache" / "huggingface" / "download" / "config.json.metadata"
     try:
         commit = metadata.read_text().splitlines()[0].strip()
@@ -142,20 +139,22 @@ def hf_cache_identity(model_dir: Path) -> tuple[str | None, str | None]:
     return None, commit or None
 
 
-def marker_identity(model_dir: Path) -> tuple[str | None, str | None]:
-    """(repo id, commit) from the marker ``prefetch`` writes into a volume folder."""
+MARKER_NAME = ".worker-model.json"  # in a volume folder: its canonical repo id and commit
+
+
+def read_marker(model_dir: Path) -> dict[str, Any]:
+    """The marker of a volume folder ({} when it has none, or an unreadable one)."""
     try:
-        marker = json.loads((model_dir / ".worker-model.json").read_text())
+        marker = json.loads((model_dir / MARKER_NAME).read_text())
     except (OSError, ValueError):
-        return None, None
-    if not isinstance(marker, dict):
-        return None, None
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def marker_identity(model_dir: Path) -> tuple[str | None, str | None]:
+    """(repo id, commit) from a volume folder's marker."""
+    marker = read_marker(model_dir)
     return marker.get("repo_id"), marker.get("revision")
-
-
-def read_model_config(model_dir: str | Path) -> dict[str, Any]:
-    """config.json of a model folder, with a multimodal wrapper's text_config folded in."""
-    return text_config(json.loads((Path(model_dir) / "config.json").read_bytes()))
 
 
 def read_signature(model_dir: str | Path) -> ModelSignature:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from files import write_json_atomic
+from files import atomic_writer, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +76,14 @@ def _files(folder: Path) -> dict[str, Path]:
 
 
 def copy_sequential(src: Path, dst: Path, block: int = BLOCK) -> int:
-    """Copy with large sequential reads, into a temporary name, renamed when complete."""
-    tmp = dst.with_name(f".{dst.name}.partial")
+    """Copy with large sequential reads, into a unique temporary name, renamed when complete."""
     copied = 0
-    with open(src, "rb", buffering=0) as fin, open(tmp, "wb") as fout:
+    with open(src, "rb", buffering=0) as fin, atomic_writer(dst) as fout:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fin.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         while chunk := fin.read(block):
             fout.write(chunk)
             copied += len(chunk)
-    os.replace(tmp, dst)
     return copied
 
 

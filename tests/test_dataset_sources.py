@@ -136,9 +136,9 @@ def test_private_addresses_are_refused_without_the_switch(http_server, settings,
 
 def test_link_local_is_refused_even_with_the_switch(open_settings):
     for address in ("169.254.169.254", "fe80::1", "fd00:ec2::254"):
-        assert "link-local" in check_address(address, open_settings)
-    assert check_address("10.0.0.1", open_settings) is None
-    assert check_address("8.8.8.8", WorkerSettings()) is None
+        assert "link-local" in check_address(address, open_settings.allow_private_urls)
+    assert check_address("10.0.0.1", open_settings.allow_private_urls) is None
+    assert check_address("8.8.8.8", WorkerSettings().allow_private_urls) is None
 
 
 def test_every_resolved_address_is_checked(settings, monkeypatch):

@@ -146,3 +146,73 @@ def test_an_s3_init_adapter_is_fetched_and_verified_against_the_base(trained_ada
         prepare_init_adapter(f"s3://{s3_bucket}/init/adapters/none/", llama_base, tmp_path / "work", settings)
     assert str(info.value).startswith(f"init_adapter: there is nothing under s3://{s3_bucket}/init/adapters/none/")
     assert s3_server.secret_key not in str(info.value)
+
+
+# --- adapters from URLs go through the guarded client ------------------------------------------------
+
+
+@pytest.fixture
+def adapter_server(trained_adapter):
+    from tests.http_server import start_file_server
+
+    adapter, base = trained_adapter("llama")
+    server = start_file_server()
+    for path in adapter.iterdir():
+        server.files[f"/adapter/{path.name}"] = path.read_bytes()
+    yield server, base
+    server.stop()
+
+
+def test_an_init_adapter_url_on_loopback_needs_allow_private_urls(adapter_server, volume, tmp_path):
+    from adapters.init import prepare_init_adapter
+    from config.settings import WorkerSettings
+
+    server, base = adapter_server
+    url = server.url("/adapter/manifest.json?X-Amz-Signature=deadbeefsecret")
+    with pytest.raises(InputError) as info:
+        prepare_init_adapter(url, base, tmp_path / "work", WorkerSettings())
+    assert str(info.value) == (f"init_adapter could not be fetched: {server.url('/adapter/manifest.json')} points "
+                               "at 127.0.0.1, a loopback address; set ALLOW_PRIVATE_URLS=true on the endpoint to "
+                               "allow it. Adapters are fetched from public addresses only")
+    assert info.value.stage == "input" and not info.value.retryable
+    assert server.requests == []  # refused before connecting
+
+    init = prepare_init_adapter(url, base, tmp_path / "work", WorkerSettings(allow_private_urls=True))
+    assert init.verdict == "compatible" and init.job_id == "adapter-llama"
+    assert "deadbeefsecret" not in init.source
+    assert sorted(p.name for p in init.path.iterdir()) == sorted(
+        p.split("/")[-1] for p in server.files)  # the manifest's files, and no temporary ones
+
+
+def test_an_adapter_file_over_the_cap_is_cut_while_streaming(tmp_path):
+    from adapters.fetch import fetch_adapter
+    from errors import StorageError
+    from tests.http_server import start_file_server
+
+    server = start_file_server()
+    try:
+        cap = 1 << 20
+        server.files["/a/adapter_config.json"] = b"x" * (cap + 1)
+        with pytest.raises(StorageError) as info:  # a declared Content-Length: refused before the body
+            fetch_adapter([server.url("/a/adapter_config.json")], tmp_path / "one", max_file_bytes=cap)
+        assert f"is {cap + 1} bytes, over the {cap}-byte cap for one adapter file" in str(info.value)
+
+        server.streams["/a/adapter_model.safetensors"] = (b"x" * 65536, 4096)  # 256 MiB, no Content-Length
+        with pytest.raises(StorageError) as info:
+            fetch_adapter([server.url("/a/adapter_model.safetensors")], tmp_path / "two", max_file_bytes=cap)
+        assert f"is more than {cap} bytes, over the {cap}-byte cap for one adapter file" in str(info.value)
+        assert server.sent["/a/adapter_model.safetensors"] < 64 << 20
+        assert list((tmp_path / "two").iterdir()) == []  # nothing half-written is left
+    finally:
+        server.stop()
+
+
+def test_an_adapter_url_with_a_password_is_refused_without_echoing_it(tmp_path):
+    from adapters.fetch import fetch_adapter
+    from errors import StorageError
+
+    with pytest.raises(StorageError) as info:
+        fetch_adapter(["https://alice:hunter2secret@example.com/adapter/manifest.json"], tmp_path / "a")
+    assert str(info.value) == ("https://example.com/adapter/manifest.json: URLs with a user name or password are "
+                               "refused (they would be logged); use a signed URL instead")
+    assert not (tmp_path / "a").exists()

@@ -19,10 +19,10 @@ import pytest
 import handler
 from config.settings import WorkerSettings
 from errors import ModelError
-from model_resolver import MARKER_NAME, ModelNotCached, resolve_model
+from model_resolver import ModelNotCached, resolve_model
 from models.cache import COMPLETE_DIR
 from models.folder import check_model_folder
-from models.signature import read_signature
+from models.signature import MARKER_NAME, read_signature
 from storage.records import SqliteRecords
 from tests.conftest import ROOT, small_job
 from tests.hub_server import Cut

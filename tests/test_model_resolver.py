@@ -10,7 +10,8 @@ import pytest
 
 from config.settings import WorkerSettings
 from errors import InputError, ModelError
-from model_resolver import MARKER_NAME, resolve_model
+from model_resolver import resolve_model
+from models.signature import MARKER_NAME
 
 
 def test_folder_name_under_models_dir(settings):
@@ -118,3 +119,58 @@ def test_recorded_revision_must_match_a_pin(settings):
     assert resolve_model("tiny-llama", "aaaaaaa", settings).revision == "a" * 40
     with pytest.raises(ModelError, match="holds commit"):
         resolve_model("tiny-llama", "b" * 40, settings)
+
+
+# --- the cache's folder names: one rule both ways ----------------------------------------------------
+
+CACHE_NAMES = [
+    ("acme/tiny-llama", "models--acme--tiny-llama"),
+    ("gpt2", "models--gpt2"),
+    ("my-org/my.model_v2", "models--my-org--my.model_v2"),
+]
+
+
+@pytest.mark.parametrize("repo_id, folder", CACHE_NAMES)
+def test_cache_folder_names_round_trip(repo_id, folder):
+    from models.cache import cache_folder_name, repo_id_of_cache_folder
+
+    assert cache_folder_name(repo_id) == folder
+    assert repo_id_of_cache_folder(folder) == repo_id
+    assert cache_folder_name(repo_id, "dataset") == "datasets" + folder[len("models"):]
+
+
+@pytest.mark.parametrize("repo_id", ["org/name--v2", "org--x/name", "a/b/c", "org/", "/name"])
+def test_an_id_the_hub_refuses_has_no_cache_folder(repo_id):
+    from models.cache import cache_folder_name
+
+    assert cache_folder_name(repo_id) is None
+
+
+@pytest.mark.parametrize("folder", ["models--org--name--v2", "datasets--org--name", "models--", "org--name"])
+def test_a_folder_no_repo_id_makes_names_none(folder):
+    from models.cache import repo_id_of_cache_folder
+
+    assert repo_id_of_cache_folder(folder) is None
+
+
+def test_the_signature_and_the_resolver_read_a_cache_folder_alike(settings, tmp_path):
+    from model_resolver import _canonical_id
+    from models.signature import read_signature
+
+    commit = "c" * 40
+    for repo_id, folder in CACHE_NAMES + [("org/name--v2", "models--org--name--v2")]:
+        snapshot = tmp_path / "hub" / folder / "snapshots" / commit
+        shutil.copytree(settings.models_root / "tiny-llama", snapshot)
+        signature = read_signature(snapshot)
+        if "--v2" in folder:  # not a folder the Hub could have made: neither claims an id for it
+            assert signature.repo_id is None and _canonical_id(snapshot, settings) == snapshot.name
+        else:
+            assert (signature.repo_id, signature.commit) == (repo_id, commit)
+            assert _canonical_id(snapshot, settings) == repo_id
+
+
+def test_a_repo_id_the_hub_refuses_is_named_before_any_download(settings):
+    with pytest.raises(ModelError) as info:
+        resolve_model("acme/tiny--llama", None, settings)
+    assert "'acme/tiny--llama' is not on this worker" in str(info.value)
+    assert "it is not a valid Hugging Face repo id (the Hub allows no '--' in one)" in str(info.value)

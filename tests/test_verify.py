@@ -335,6 +335,22 @@ def test_s3_errors_name_the_uri_not_the_secret(s3_server, s3_env, capsys, model_
     assert s3_server.secret_key not in err + out
 
 
+def test_an_s3_adapter_file_over_the_cap_is_not_downloaded(trained_adapter, s3_server, s3_env, tmp_path):
+    from adapters.fetch import fetch_adapter
+    from config.settings import WorkerSettings
+    from errors import StorageError
+
+    adapter, _ = trained_adapter("qwen2")
+    _upload(s3_server.client(), s3_env, adapter, "capped/adapter")
+    cap = (adapter / "adapter_model.safetensors").stat().st_size - 1
+    with pytest.raises(StorageError) as info:
+        fetch_adapter(f"s3://{s3_env}/capped/adapter/", tmp_path / "a", settings=WorkerSettings(s3_bucket=s3_env),
+                      max_file_bytes=cap)
+    assert str(info.value) == (f"s3://{s3_env}/capped/adapter/adapter_model.safetensors is {cap + 1} bytes, over "
+                               f"the {cap}-byte cap for one adapter file; is the prefix an adapter folder?")
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
+
+
 @pytest.fixture
 def http_folder(tmp_path):
     """A static file server over a folder that insists on a signature query, as presigned URLs carry."""
