@@ -259,10 +259,10 @@ class S3ArtifactStore:
         urls, expires = self._presign(root, adapter_manifest)
         return _artifact(self._uri(root), adapter_manifest, download_urls=urls, download_expires_at=expires)
 
-    def _presign(self, root: str, adapter_manifest: AdapterManifest) -> tuple[dict[str, str] | None, str | None]:
+    def _presign(self, root: str, manifest: AdapterManifest) -> tuple[dict[str, str] | None, str | None]:
         if not self.presign_seconds:
             return None, None
-        names = [f.name for f in adapter_manifest.files] + [MANIFEST_NAME]
+        names = [f.name for f in manifest.files] + [MANIFEST_NAME]
         expires = datetime.now(timezone.utc) + timedelta(seconds=self.presign_seconds)
         urls = {
             name: self.client.generate_presigned_url(

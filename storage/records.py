@@ -36,8 +36,9 @@ class _RowUpdate(BaseModel):
 
     The Edge Function may have created the job row with its owner and metadata, and an upsert
     overwrites every column it names, so an unset field is left out of the write, while a field set
-    to None (``error=None`` on success) clears its column. Values are not checked here: the table's
-    constraints are the one judge (a bad status is refused by the database, as it would be from the app).
+    to None (``error=None`` when a job starts again) clears its column. Names and types are checked
+    here; values (a status, a progress in 0..1) are judged by the table's constraints, as they are
+    for the app's own writes.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -370,11 +371,11 @@ class SupabaseRecords:
         self._call("write", table, job_id, lambda: self.client.table(table).upsert(
             row, on_conflict="job_id", returning=ReturnMethod.minimal))
 
-    def upsert_artifact(self, job_id: str, artifact: ArtifactRow | dict[str, Any]) -> str:
+    def upsert_artifact(self, job_id: str, row: ArtifactRow | dict[str, Any]) -> str:
         table = self.tables["artifact"]
-        row = self._row(job_id, _columns(ArtifactRow, artifact))
+        body = self._row(job_id, _columns(ArtifactRow, row))
         rows = self._call("write", table, job_id, lambda: self.client.table(table).upsert(
-            row, on_conflict="job_id").select("id"))
+            body, on_conflict="job_id").select("id"))
         if not rows or "id" not in rows[0]:
             raise RecordError(f"Supabase wrote the {table} row for job {job_id} but did not return its id")
         return str(rows[0]["id"])

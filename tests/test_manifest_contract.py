@@ -9,14 +9,21 @@ The output, the artifact row and the manifests must also visibly come from one m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 import handler
-from storage.records import SqliteRecords
+from adapters.manifest import AdapterManifest, render_model_card
+from pipeline import _artifact_record, _train_output
+from storage.artifacts import StoredArtifact
+from storage.records import ARTIFACT_COLUMNS, JOB_COLUMNS, JobUpdate, SqliteRecords
 from tests.conftest import small_job
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
@@ -30,14 +37,18 @@ VOLATILE = re.compile("|".join((
     r"(^|\.)(seconds|stage_seconds|tokens_per_second)$",  # timings inside the manifest
     r"(^|\.)versions\.\w+$",  # whatever is installed
     r"(^|\.)memory_plan\.(device_bytes\.\d+|available_bytes|gib\.available_bytes)$",  # this machine's free memory
+    r"^bytes$|(^|\.)adapter\.bytes$",  # the adapter's size: its model card prints the losses (see below)
 )))
 # Losses: equal within LOSS_TOLERANCE (training on another CPU may round differently).
 LOSSES = re.compile(r"(^|\.)(train_loss|first_loss|last_loss|eval_loss)$")
 LOSS_TOLERANCE = 1e-3
-# Files whose bytes differ from run to run: those that embed clocks and durations, and peft's
-# adapter_config.json, which lists target_modules from a set (in PYTHONHASHSEED's order).
-VARYING_FILES = re.compile(r"^(adapter/)?(manifest\.json|adapter_config\.json)$|^metrics\.json$|"
-                           r"^train_log\.jsonl$|^loss\.png$|^tensorboard/events\.out\.tfevents\.")
+# Files whose bytes differ from run to run: those that embed clocks and durations; peft's
+# adapter_config.json, which lists target_modules from a set (in PYTHONHASHSEED's order); and those
+# that hold what training computed (the weights; the model card, which prints the losses), since
+# another CPU may round differently. The model card is checked byte for byte from the golden manifest.
+VARYING_FILES = re.compile(r"^(adapter/)?(manifest\.json|adapter_config\.json|adapter_model\.safetensors|"
+                           r"README\.md)$|^metrics\.json$|^train_log\.jsonl$|^loss\.png$|"
+                           r"^tensorboard/events\.out\.tfevents\.")
 TENSORBOARD_NAME = re.compile(r"events\.out\.tfevents\.[^\"/]+")
 
 
@@ -66,9 +77,10 @@ def normalize(doc: Any, volume: str, path: str = "", losses: dict | None = None)
 
 def assert_same_json(golden: Any, actual: Any, path: str = "") -> None:
     """Same key order at every level, the same JSON types, the same values; failures name the path."""
-    assert _json_type(actual) == _json_type(golden), f"{path or '<root>'}: {_json_type(actual)}, was {_json_type(golden)}"
+    where = path or "<root>"
+    assert _json_type(actual) == _json_type(golden), f"{where}: {_json_type(actual)}, was {_json_type(golden)}"
     if isinstance(golden, dict):
-        assert list(actual) == list(golden), f"{path or '<root>'}: keys {list(actual)}, were {list(golden)}"
+        assert list(actual) == list(golden), f"{where}: keys {list(actual)}, were {list(golden)}"
         for key in golden:
             assert_same_json(golden[key], actual[key], f"{path}.{key}".lstrip("."))
     elif isinstance(golden, list):
@@ -132,8 +144,8 @@ def assert_from_one_manifest(docs: dict[str, Any]) -> None:
     assert output["base_model"] == {k: v for k, v in base.items() if k != "architecture"}
     assert output["metrics"] == {k: metrics.get(k) for k in output["metrics"]}
     assert output["dataset"] == {k: report[k] for k in output["dataset"]}
-    assert output["lora"] == {"r": peft["r"], "alpha": peft["lora_alpha"], "target_modules": peft["target_modules"],
-                              "target_parameters": peft["target_parameters"]}
+    assert output["lora"] == {"r": peft["r"], "alpha": peft["lora_alpha"],
+                              "target_modules": peft["target_modules"], "target_parameters": peft["target_parameters"]}
     assert output["memory_plan"] == manifest["memory_plan"]
     assert output["adapter"]["files"] == manifest["files"]
     assert output["adapter"]["bytes"] == sum(f["bytes"] for f in manifest["files"])
@@ -146,3 +158,42 @@ def assert_from_one_manifest(docs: dict[str, Any]) -> None:
     # the job row carries the output RunPod got
     assert docs["job_row"]["output"] == output
     assert docs["job_row"]["last_loss"] == metrics["last_loss"]
+
+
+def test_a_manifest_written_by_an_older_worker_reads_and_round_trips():
+    """A re-delivered job reads the manifest an earlier version stored: keys it lacks stay absent,
+    keys this version does not know are kept, and the output keeps its shape."""
+    old = json.loads((GOLDEN / "adapter_manifest.json").read_text())
+    for key in ("memory_plan", "runtime"):
+        del old[key]
+    del old["base_model"]["load"], old["peft"]["target_parameters"], old["metrics"]["batching"]
+    old["dataset"]["from_an_older_worker"] = True
+    old["notes"] = "kept"
+
+    manifest = AdapterManifest.model_validate(old)
+    assert manifest.to_dict() == old and list(manifest.to_dict()) == list(old)
+    stored = StoredArtifact(uri="file:///a/", adapter_uri="file:///a/adapter/", bytes=1,
+                            files=list(manifest.files), manifest=manifest)
+    output = _train_output("old", stored, "r1", {"total_s": 1.0}, None)
+    assert output["memory_plan"] is None and output["lora"]["target_parameters"] is None
+    assert "load" not in output["base_model"] and output["metrics"]["eval_loss"] is None
+    row = _artifact_record(stored)
+    assert row.manifest == old and row.base_model_fingerprint == old["base_model"]["fingerprint"]
+
+
+def test_a_row_update_names_only_the_columns_it_sets():
+    """The Edge Function's row may already hold user_id and metadata: an update leaves them alone,
+    while a column set to None (a success clears ``error``) is written as null."""
+    assert JobUpdate(status="running", error=None).columns() == {"status": "running", "error": None}
+    assert JobUpdate.model_validate({"progress": 0.5}).columns() == {"progress": 0.5}
+    assert "user_id" in JOB_COLUMNS and "manifest" in ARTIFACT_COLUMNS
+    with pytest.raises(ValidationError, match="stauts"):
+        JobUpdate.model_validate({"stauts": "running"})
+
+
+def test_the_model_card_of_the_golden_manifest_is_unchanged():
+    """The typed manifest renders the model card the golden adapter carries, byte for byte."""
+    golden = json.loads((GOLDEN / "adapter_manifest.json").read_text())
+    card = render_model_card(AdapterManifest.model_validate(golden)).encode()
+    (entry,) = [f for f in golden["files"] if f["name"] == "README.md"]
+    assert (len(card), hashlib.sha256(card).hexdigest()) == (entry["bytes"], entry["sha256"])
