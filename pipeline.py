@@ -21,15 +21,24 @@ from typing import Any, Callable, Iterator
 
 from adapters.init import InitAdapter, prepare_init_adapter
 from adapters.manifest import (
-    Manifest,
+    MANIFEST_VERSION,
+    AdapterManifest,
+    BaseEntry,
+    DatasetEntry,
+    InitAdapterEntry,
+    LoadEntry,
+    LoraEntry,
+    Metrics,
+    RuntimeEntry,
+    Versions,
     library_versions,
-    read_manifest,
+    load_manifest,
     render_model_card,
 )
 from config.job import TrainingJob
 from config.settings import WorkerSettings
-from errors import TrainingError, WorkerError, scrub
-from files import MANIFEST_NAME, describe_files, verify_files, write_json_atomic
+from errors import TrainingCancelled, TrainingError, WorkerError, scrub
+from files import describe_files, verify_files
 from model_resolver import (
     ModelNotCached,
     ResolvedModel,
@@ -39,7 +48,7 @@ from model_resolver import (
 )
 from models.staging import plan_loading
 from storage.artifacts import StoredArtifact, open_artifact_store
-from storage.records import Records, now_iso, open_records
+from storage.records import ArtifactRow, JobUpdate, Records, now_iso, open_records
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +57,9 @@ Notify = Callable[[dict[str, Any]], None]
 # Where each stage starts on the job's 0..1 progress bar; training fills the span up to "save".
 STAGE_PROGRESS = {"model": 0.01, "dataset": 0.03, "train": 0.05, "save": 0.92, "upload": 0.94,
                   "record": 0.98}
+# A progress update's keys (what RunPod gets) → the job row's columns.
+PROGRESS_COLUMNS = (("progress", "progress"), ("step", "current_step"), ("total_steps", "total_steps"),
+                    ("loss", "last_loss"), ("stage", "stage"))
 
 
 class Tracker:
@@ -86,15 +98,11 @@ class Tracker:
         update = {"job_id": self.job_id, **update}
         if self.notify is not None:
             self.notify(update)
-        row = {"progress": update.get("progress")}
-        for key, column in (("step", "current_step"), ("total_steps", "total_steps"),
-                            ("loss", "last_loss"), ("stage", "stage")):
-            if update.get(key) is not None:
-                row[column] = update[key]
         if self.records is None:
             return
+        row = JobUpdate(**{column: update[key] for key, column in PROGRESS_COLUMNS if update.get(key) is not None})
         try:
-            self.records.upsert_job(self.job_id, {k: v for k, v in row.items() if v is not None})
+            self.records.upsert_job(self.job_id, row)
         except WorkerError as exc:  # a progress row is not worth failing a paid training run for
             logger.warning("progress record not written: %s", exc)
 
@@ -139,45 +147,45 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
 
     records = open_records(settings)
     tracker = Tracker(job_id, records, notify, settings.progress_interval_s)
-    # The Edge Function may have created the row with its owner and metadata: an upsert overwrites
-    # every column it names, so name user_id and metadata only when this job carries them.
-    owner = {"user_id": str(job.metadata["user_id"])} if job.metadata.get("user_id") else {}
-    records.upsert_job(job_id, {
-        "status": "running", "stage": "model", "error": None, "started_at": now_iso(),
-        "base_model": job.base_model or settings.default_base_model,
-        **owner, **({"metadata": job.metadata} if job.metadata else {}),
-    })
+    records.upsert_job(job_id, _started_row(job, settings))
     try:
-        output = _train(job, settings, tracker, records, cancel)
+        stored, record_id = _train(job, settings, tracker, records, cancel)
     except WorkerError as exc:
-        from errors import TrainingCancelled
-
-        try:
-            records.upsert_job(job_id, {
-                "status": "cancelled" if isinstance(exc, TrainingCancelled) else "failed", "stage": exc.stage,
-                # the record is read by the app: scrubbed like the output (signed URLs, keys)
-                "error": scrub(f"{exc.stage}: {exc.message}", settings.secret_values()),
-                "finished_at": now_iso(),
-            })
-        except WorkerError as record_exc:  # the job's own error, which names what was kept, wins
-            logger.warning("job %s: its failure was not recorded: %s", job_id, record_exc)
+        _record_failure(records, job_id, exc, settings)
         raise
     tracker.timings["total_s"] = round(time.monotonic() - started, 3)
-    output["timings"] = tracker.timings
-    cost = _cost(tracker.timings, settings)
-    if cost:
-        output["cost"] = cost
+    output = _train_output(job_id, stored, record_id, tracker.timings, _cost(tracker.timings, settings))
     try:
-        records.upsert_job(job_id, {
-            "status": "succeeded", "progress": 1.0, "stage": "done", "output": output,
-            "finished_at": now_iso(),
-        })
+        records.upsert_job(job_id, JobUpdate(status="succeeded", progress=1.0, stage="done", output=output,
+                                             finished_at=now_iso()))
     except WorkerError as exc:
-        raise WorkerError(
-            f"{exc.message}; the adapter is stored at {output['adapter']['uri']} and its artifact "
-            "record is written: re-run the job with the same job_id to finish the job record "
-            "without training again", stage="record", retryable=True) from exc
+        raise exc.with_hint(
+            f"the adapter is stored at {stored.adapter_uri} and its artifact record is written: re-run the "
+            "job with the same job_id to finish the job record without training again") from exc
     return output
+
+
+def _started_row(job: TrainingJob, settings: WorkerSettings) -> JobUpdate:
+    """The job row as training starts; it clears an earlier attempt's error.
+
+    The Edge Function may have created the row with its owner and metadata: an upsert overwrites
+    every column it names, so user_id and metadata are named only when this job carries them.
+    """
+    owner = {"user_id": str(job.metadata["user_id"])} if job.metadata.get("user_id") else {}
+    return JobUpdate(status="running", stage="model", error=None, started_at=now_iso(),
+                     base_model=job.base_model or settings.default_base_model,
+                     **owner, **({"metadata": job.metadata} if job.metadata else {}))
+
+
+def _record_failure(records: Records, job_id: str, exc: WorkerError, settings: WorkerSettings) -> None:
+    try:
+        records.upsert_job(job_id, JobUpdate(
+            status="cancelled" if isinstance(exc, TrainingCancelled) else "failed", stage=exc.stage,
+            # the record is read by the app: scrubbed like the output (signed URLs, keys)
+            error=scrub(f"{exc.stage}: {exc.message}", settings.secret_values()),
+            finished_at=now_iso()))
+    except WorkerError as record_exc:  # the job's own error, which names what was kept, wins
+        logger.warning("job %s: its failure was not recorded: %s", job_id, record_exc)
 
 
 def _cost(timings: dict[str, float], settings: WorkerSettings) -> dict[str, Any] | None:
@@ -285,8 +293,8 @@ def _prefetch(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
 
 
 def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records: Records,
-           cancel: threading.Event | None = None) -> dict:
-    """Train, store, record — each at most once per job_id.
+           cancel: threading.Event | None = None) -> tuple[StoredArtifact, str]:
+    """Train, store, record — each at most once per job_id; the stored artifact and its record id.
 
     A job delivered again goes on from the furthest finished step: a complete stored artifact is
     only recorded; a complete job folder on the volume (trained, not stored) is only uploaded.
@@ -313,32 +321,29 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
             with tracker.stage("upload", "upload_s"):
                 stored = store.put(job_dir, job.output.prefix, job_id)
         except WorkerError as exc:
-            raise WorkerError(
-                f"{exc.message}; the trained adapter is kept at {job_dir / 'adapter'}: re-run the job "
-                "with the same job_id to store it without training again", stage="upload",
-                retryable=True) from exc
+            raise exc.with_hint(
+                f"the trained adapter is kept at {job_dir / 'adapter'}: re-run the job with the same job_id "
+                "to store it without training again") from exc
 
     try:
         with tracker.stage("record", "record_s"):
             record_id = records.upsert_artifact(job_id, _artifact_record(stored))
     except WorkerError as exc:
-        raise WorkerError(
-            f"{exc.message}; the adapter is stored at {stored.adapter_uri}: re-run the job with the "
-            "same job_id to write the record without training again", stage="record",
-            retryable=True) from exc
+        raise exc.with_hint(f"the adapter is stored at {stored.adapter_uri}: re-run the job with the same "
+                            "job_id to write the record without training again") from exc
 
     shutil.rmtree(job_dir, ignore_errors=True)  # stored and recorded: the scratch copy is redundant
     shutil.rmtree(settings.checkpoints_root / job_id, ignore_errors=True)  # and nothing is left to resume
-    return _train_output(job_id, stored, record_id)
+    return stored, record_id
 
 
 def _complete_job_folder(job_dir: Path) -> bool:
     """Whether an earlier delivery left a finished job folder: its manifest is there and verifies."""
     try:
-        manifest = read_manifest(job_dir)
-        if manifest is None or read_manifest(job_dir / "adapter") is None:
+        manifest = load_manifest(job_dir)
+        if manifest is None or load_manifest(job_dir / "adapter") is None:
             return False
-        problems = verify_files(job_dir, manifest)
+        problems = verify_files(job_dir, manifest.to_dict())
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("job folder %s is unreadable (%s); training again", job_dir, exc)
         return False
@@ -393,78 +398,73 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
     result.model = None  # saved: free the weights before the upload
 
 
-def _artifact_record(stored: StoredArtifact) -> dict[str, Any]:
+def _artifact_record(stored: StoredArtifact) -> ArtifactRow:
     manifest = stored.manifest
-    base = manifest.get("base_model", {})
-    return {
-        "uri": stored.adapter_uri, "bytes": stored.bytes,
-        "base_model_id": base.get("id"), "base_model_revision": base.get("revision"),
-        "base_model_fingerprint": base.get("fingerprint"),
-        "metrics": manifest.get("metrics"), "manifest": manifest,
-        "download_urls": stored.download_urls, "download_expires_at": stored.download_expires_at,
-    }
+    return ArtifactRow(
+        uri=stored.adapter_uri, bytes=stored.bytes, base_model_id=manifest.base.id,
+        base_model_revision=manifest.base.revision, base_model_fingerprint=manifest.base.fingerprint,
+        metrics=manifest.metrics.model_dump(exclude_unset=True), manifest=manifest.to_dict(),
+        download_urls=stored.download_urls, download_expires_at=stored.download_expires_at,
+    )
 
 
-def _train_output(job_id: str, stored: StoredArtifact, record_id: str) -> dict[str, Any]:
+# The dataset report's figures that the job output repeats (the manifest keeps the whole report).
+OUTPUT_DATASET_KEYS = {"examples", "eval_examples", "tokens", "trained_tokens", "truncated", "dropped", "sha256"}
+
+
+def _train_output(job_id: str, stored: StoredArtifact, record_id: str, timings: dict[str, float],
+                  cost: dict[str, Any] | None) -> dict[str, Any]:
     """The job output, from the stored manifest alone: a re-delivered job answers the same."""
     manifest = stored.manifest
-    metrics = manifest.get("metrics", {})
-    report = manifest.get("dataset", {})
-    peft = manifest.get("peft", {})
-    return {
+    metrics, lora = manifest.metrics, manifest.lora
+    output = {
         "job_id": job_id,
         "status": "succeeded",
-        "base_model": {k: v for k, v in manifest.get("base_model", {}).items() if k != "architecture"},
+        "base_model": manifest.base.model_dump(exclude={"architecture"}, exclude_unset=True),
         "adapter": stored.to_output(),
         "record_id": record_id,
-        "metrics": {k: metrics.get(k) for k in
-                    ("train_loss", "eval_loss", "steps", "epochs", "train_tokens", "tokens_per_second",
-                     "first_loss", "last_loss", "resumed_from_step")},
-        "dataset": {k: v for k, v in report.items()
-                    if k in ("examples", "eval_examples", "tokens", "trained_tokens", "truncated",
-                             "dropped", "sha256")},
-        "lora": {"r": peft.get("r"), "alpha": peft.get("lora_alpha"),
-                 "target_modules": peft.get("target_modules"), "target_parameters": peft.get("target_parameters")},
-        "memory_plan": manifest.get("memory_plan"),
+        "metrics": {"train_loss": metrics.train_loss, "eval_loss": metrics.eval_loss, "steps": metrics.steps,
+                    "epochs": metrics.epochs, "train_tokens": metrics.train_tokens,
+                    "tokens_per_second": metrics.tokens_per_second, "first_loss": metrics.first_loss,
+                    "last_loss": metrics.last_loss, "resumed_from_step": metrics.resumed_from_step},
+        "dataset": manifest.dataset.model_dump(include=OUTPUT_DATASET_KEYS, exclude_unset=True),
+        "lora": {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": lora.target_modules,
+                 "target_parameters": lora.target_parameters},
+        "memory_plan": manifest.memory_plan,
+        "timings": timings,
     }
+    if cost:
+        output["cost"] = cost
+    return output
 
 
 def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, result, job_dir: Path,
-                      runtime, load, plan, init: InitAdapter | None = None) -> dict:
+                      runtime, load, plan, init: InitAdapter | None = None) -> AdapterManifest:
     """Model card, metrics, loss curve, then the manifests, last, into the job folder."""
     from training.report import write_training_report
 
     if not any(result.adapter_dir.glob("adapter_model.*")):
         raise TrainingError(f"training finished but no adapter weights were saved in {result.adapter_dir}")
-    lora = result.lora
-    manifest = Manifest(
+    manifest = AdapterManifest(
         job_id=job.job_id or "",
-        base_model={**resolved.to_output(), "load": load.to_output()},
-        peft={"peft_type": "LORA", **lora.model_dump(), "task_type": "CAUSAL_LM"},
+        base=BaseEntry(**resolved.to_output(), load=LoadEntry(**load.to_output())),
+        lora=LoraEntry(peft_type="LORA", **result.lora.model_dump(), task_type="CAUSAL_LM"),
         hyperparameters=job.hyperparameters.model_dump(mode="json"),
-        dataset=report,
-        metrics=result.metrics,
-        versions=library_versions(),
+        dataset=DatasetEntry(**report),
+        metrics=Metrics(**result.metrics),
+        versions=Versions(**library_versions()),
+        manifest_version=MANIFEST_VERSION,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        memory_plan=plan.to_dict(),
+        runtime=RuntimeEntry(device=runtime.device, precision=runtime.precision,
+                             quantization=runtime.quantization),
+        # what this adapter continued from; absent (not null) when it started fresh
+        **({"init_adapter": InitAdapterEntry(**init.to_manifest())} if init is not None else {}),
     )
-    manifest_dict = manifest.to_dict()
-    manifest_dict["memory_plan"] = plan.to_dict()
-    manifest_dict["runtime"] = {"device": runtime.device, "precision": runtime.precision,
-                                "quantization": runtime.quantization}
-    if init is not None:
-        manifest_dict["init_adapter"] = init.to_manifest()  # what this adapter continued from
-    (result.adapter_dir / "README.md").write_text(render_model_card(manifest_dict))
+    (result.adapter_dir / "README.md").write_text(render_model_card(manifest))
     write_training_report(result, job_dir)
     # The adapter's own manifest lists the adapter's files; the job's lists the whole folder.
-    adapter_manifest = {**manifest_dict, "files": describe_files(result.adapter_dir)}
-    write_json_atomic(result.adapter_dir / MANIFEST_NAME, _jsonable(adapter_manifest))
-    job_manifest = {**manifest_dict, "files": describe_files(job_dir)}
-    write_json_atomic(job_dir / MANIFEST_NAME, _jsonable(job_manifest))
-    return _jsonable(adapter_manifest)
-
-
-def _jsonable(manifest: dict) -> dict:
-    from dataclasses import asdict, is_dataclass
-
-    files = [asdict(f) if is_dataclass(f) else f for f in manifest.get("files", [])]
-    return {**manifest, "files": files}
+    adapter_manifest = manifest.with_files(describe_files(result.adapter_dir))
+    adapter_manifest.write(result.adapter_dir)
+    manifest.with_files(describe_files(job_dir)).write(job_dir)
+    return adapter_manifest

@@ -24,12 +24,12 @@ import mimetypes
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from adapters.manifest import read_manifest
+from adapters.manifest import AdapterManifest, load_manifest
 from config.settings import WorkerSettings
 from errors import StorageError
 from files import MANIFEST_NAME, FileEntry, sha256_file, verify_files
@@ -45,7 +45,7 @@ class StoredArtifact:
     adapter_uri: str  # what PeftModel.from_pretrained reads
     bytes: int
     files: list[FileEntry]  # the adapter's files
-    manifest: dict[str, Any] = field(default_factory=dict)  # the adapter's manifest.json, as stored
+    manifest: AdapterManifest  # the adapter's manifest.json, as stored
     # Presigned GET URLs per adapter file (S3 with PRESIGN_SECONDS only). They carry signatures:
     # they go to the artifact record, never into the job output or a log line.
     download_urls: dict[str, str] | None = None
@@ -73,24 +73,24 @@ def upload_order(job_dir: Path) -> list[Path]:
     return [p for p in files if p not in manifests] + [p for p in manifests if p.is_file()]
 
 
-def _entries(manifest: dict[str, Any]) -> list[FileEntry]:
-    return [FileEntry(str(f["name"]), int(f["bytes"]), str(f["sha256"])) for f in manifest["files"]]
-
-
-def _artifact(uri: str, manifest: dict[str, Any], **extra: Any) -> StoredArtifact:
-    files = _entries(manifest)
+def _artifact(uri: str, manifest: AdapterManifest, **extra: Any) -> StoredArtifact:
+    files = list(manifest.files)
     return StoredArtifact(uri=uri, adapter_uri=uri + "adapter/", bytes=sum(f.bytes for f in files),
                           files=files, manifest=manifest, **extra)
 
 
-def _job_manifest(job_dir: Path) -> dict[str, Any]:
-    """The job folder's manifest, or StorageError: an unfinished folder is never stored."""
-    manifest = read_manifest(job_dir)
-    if manifest is None or read_manifest(job_dir / "adapter") is None:
+def _job_manifests(job_dir: Path) -> tuple[AdapterManifest, AdapterManifest]:
+    """The job folder's manifest and its adapter's, or StorageError: an unfinished folder is never stored."""
+    try:
+        manifest, adapter_manifest = load_manifest(job_dir), load_manifest(job_dir / "adapter")
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"the job folder {job_dir} has an unreadable manifest.json ({exc}), so it was "
+                           "not stored: run the job again to write it anew") from exc
+    if manifest is None or adapter_manifest is None:
         raise StorageError(
             f"the job folder {job_dir} has no manifest.json (it is incomplete), so it was not stored"
         )
-    return manifest
+    return manifest, adapter_manifest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,15 +107,14 @@ class LocalArtifactStore:
     def find_complete(self, prefix: str, job_id: str) -> StoredArtifact | None:
         folder = self._folder(prefix, job_id)
         try:
-            manifest = read_manifest(folder)
-            adapter_manifest = read_manifest(folder / "adapter")
+            manifest, adapter_manifest = load_manifest(folder), load_manifest(folder / "adapter")
         except (OSError, ValueError) as exc:
             logger.warning("stored job folder %s is unreadable, storing it again: %s", folder, exc)
             return None
         if manifest is None or adapter_manifest is None:
             return None
         # The job manifest lists every file under the folder, the adapter's manifest included.
-        problems = verify_files(folder, manifest)
+        problems = verify_files(folder, manifest.to_dict())
         if problems:
             logger.warning("stored job folder %s is incomplete (%s); storing it again", folder,
                            "; ".join(problems[:3]))
@@ -123,7 +122,7 @@ class LocalArtifactStore:
         return _artifact(folder.as_uri() + "/", adapter_manifest)
 
     def put(self, job_dir: Path, prefix: str, job_id: str) -> StoredArtifact:
-        _job_manifest(job_dir)
+        _, adapter_manifest = _job_manifests(job_dir)
         final = self._folder(prefix, job_id)
         tmp = final.parent / f".{job_id}.partial-{uuid.uuid4().hex[:8]}"
         try:
@@ -144,7 +143,7 @@ class LocalArtifactStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StorageError(f"could not copy the adapter to {final} ({exc.strerror or exc})") from exc
         logger.info("stored %s", final)
-        return _artifact(final.as_uri() + "/", read_manifest(final / "adapter") or {"files": []})
+        return _artifact(final.as_uri() + "/", adapter_manifest)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,8 +233,8 @@ class S3ArtifactStore:
         if raw is None:
             return None
         try:
-            entries = {e.name: e for e in _entries(json.loads(raw))}
-        except (ValueError, KeyError, TypeError) as exc:
+            entries = {e.name: e for e in AdapterManifest.model_validate(json.loads(raw)).files}
+        except ValueError as exc:
             logger.warning("%s is not a readable manifest (%s); storing the job again",
                            self._uri(root + MANIFEST_NAME), exc)
             return None
@@ -246,20 +245,24 @@ class S3ArtifactStore:
         if not problems and (adapter_raw is None
                              or hashlib.sha256(adapter_raw).hexdigest() != entries[adapter_manifest_name].sha256):
             problems.append(f"{adapter_manifest_name} changed while it was read")
+        try:
+            adapter_manifest = None if problems else AdapterManifest.model_validate(json.loads(adapter_raw))
+        except ValueError as exc:
+            problems.append(f"{adapter_manifest_name} is not a readable manifest ({exc})")
         if problems:
             logger.warning("%s is incomplete (%s); storing the job again", self._uri(root),
                            "; ".join(problems[:3]))
             return None
-        return self._artifact(root, json.loads(adapter_raw))
+        return self._artifact(root, adapter_manifest)
 
-    def _artifact(self, root: str, adapter_manifest: dict[str, Any]) -> StoredArtifact:
+    def _artifact(self, root: str, adapter_manifest: AdapterManifest) -> StoredArtifact:
         urls, expires = self._presign(root, adapter_manifest)
         return _artifact(self._uri(root), adapter_manifest, download_urls=urls, download_expires_at=expires)
 
-    def _presign(self, root: str, adapter_manifest: dict[str, Any]) -> tuple[dict[str, str] | None, str | None]:
+    def _presign(self, root: str, manifest: AdapterManifest) -> tuple[dict[str, str] | None, str | None]:
         if not self.presign_seconds:
             return None, None
-        names = [f["name"] for f in adapter_manifest["files"]] + [MANIFEST_NAME]
+        names = [f.name for f in manifest.files] + [MANIFEST_NAME]
         expires = datetime.now(timezone.utc) + timedelta(seconds=self.presign_seconds)
         urls = {
             name: self.client.generate_presigned_url(
@@ -286,8 +289,8 @@ class S3ArtifactStore:
         from s3transfer.exceptions import CancelledError, S3UploadFailedError
 
         transfer_errors = (CancelledError, S3UploadFailedError)
-        manifest = _job_manifest(job_dir)
-        listed = {e.name: e for e in _entries(manifest)}
+        manifest, adapter_manifest = _job_manifests(job_dir)
+        listed = {e.name: e for e in manifest.files}
         root = self._prefix(prefix, job_id)
         order = upload_order(job_dir)
         manifests = [job_dir / "adapter" / MANIFEST_NAME, job_dir / MANIFEST_NAME]
@@ -325,7 +328,6 @@ class S3ArtifactStore:
             raise StorageError(f"could not read {job_dir} to upload it to {self._uri(root)} "
                                f"({exc.strerror or exc})") from exc
         logger.info("stored %s (%d objects uploaded, %d already there)", self._uri(root), uploaded, skipped)
-        adapter_manifest = read_manifest(job_dir / "adapter") or {"files": []}
         return self._artifact(root, adapter_manifest)
 
     # --- errors ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from config.settings import WorkerSettings
 from errors import InputError, RecordError
@@ -29,10 +29,59 @@ from errors import InputError, RecordError
 logger = logging.getLogger(__name__)
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-JOB_COLUMNS = ("status", "progress", "current_step", "total_steps", "last_loss", "stage", "error",
-               "base_model", "user_id", "metadata", "output", "started_at", "finished_at")
-ARTIFACT_COLUMNS = ("uri", "bytes", "base_model_id", "base_model_revision", "base_model_fingerprint",
-                    "metrics", "manifest", "download_urls", "download_expires_at")
+
+
+class _RowUpdate(BaseModel):
+    """The columns one upsert writes: those set when it was built, and only those.
+
+    The Edge Function may have created the job row with its owner and metadata, and an upsert
+    overwrites every column it names, so an unset field is left out of the write, while a field set
+    to None (``error=None`` when a job starts again) clears its column. Names and types are checked
+    here; values (a status, a progress in 0..1) are judged by the table's constraints, as they are
+    for the app's own writes.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def columns(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True)
+
+
+class JobUpdate(_RowUpdate):
+    """A write to one ``training_jobs`` row."""
+
+    status: str | None = None  # one of JOB_STATUSES
+    progress: float | None = None  # 0..1
+    current_step: int | None = None
+    total_steps: int | None = None
+    last_loss: float | None = None
+    stage: str | None = None
+    error: str | None = None
+    base_model: str | None = None
+    user_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    output: dict[str, Any] | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class ArtifactRow(_RowUpdate):
+    """The ``training_artifacts`` row of one job: the stored adapter and its manifest."""
+
+    uri: str
+    bytes: int
+    base_model_id: str
+    base_model_revision: str | None = None
+    base_model_fingerprint: str
+    metrics: dict[str, Any] | None = None
+    manifest: dict[str, Any] | None = None  # the adapter's manifest.json, as stored
+    # Presigned GET URLs per adapter file: they carry signatures, so they live in the row alone.
+    download_urls: dict[str, str] | None = None
+    download_expires_at: str | None = None
+
+
+JOB_COLUMNS = tuple(JobUpdate.model_fields)
+ARTIFACT_COLUMNS = tuple(ArtifactRow.model_fields)
 JSON_COLUMNS = ("metadata", "output", "metrics", "manifest", "download_urls")
 
 SCHEMA = f"""
@@ -93,13 +142,18 @@ def now_iso() -> str:
 
 
 class Records(Protocol):
-    def upsert_job(self, job_id: str, fields: dict[str, Any]) -> None: ...
+    def upsert_job(self, job_id: str, update: JobUpdate | dict[str, Any]) -> None: ...
 
-    def upsert_artifact(self, job_id: str, fields: dict[str, Any]) -> str: ...
+    def upsert_artifact(self, job_id: str, row: ArtifactRow | dict[str, Any]) -> str: ...
 
     def get_job(self, job_id: str) -> dict[str, Any] | None: ...
 
     def get_artifact(self, job_id: str) -> dict[str, Any] | None: ...
+
+
+def _columns(model: type[_RowUpdate], value: _RowUpdate | dict[str, Any]) -> dict[str, Any]:
+    """The columns to write; a dict (tools, tests) is read as the model, so its names are checked too."""
+    return (value if isinstance(value, model) else model.model_validate(value)).columns()
 
 
 def _encode(value: Any) -> Any:
@@ -127,10 +181,7 @@ class SqliteRecords:
         db.row_factory = sqlite3.Row
         return db
 
-    def _upsert(self, table: str, allowed: tuple[str, ...], job_id: str, fields: dict[str, Any]) -> str:
-        unknown = set(fields) - set(allowed)
-        if unknown:
-            raise ValueError(f"unknown {table} columns: {sorted(unknown)}")
+    def _upsert(self, table: str, job_id: str, fields: dict[str, Any]) -> str:
         stamp = now_iso()
         values = {k: _encode(v) for k, v in fields.items()}
         cols = ["id", "job_id", *values, "created_at", "updated_at"]
@@ -146,11 +197,11 @@ class SqliteRecords:
         except sqlite3.Error as exc:
             raise RecordError(f"could not write the {table} row for job {job_id}: {exc}") from exc
 
-    def upsert_job(self, job_id: str, fields: dict[str, Any]) -> None:
-        self._upsert("training_jobs", JOB_COLUMNS, job_id, fields)
+    def upsert_job(self, job_id: str, update: JobUpdate | dict[str, Any]) -> None:
+        self._upsert("training_jobs", job_id, _columns(JobUpdate, update))
 
-    def upsert_artifact(self, job_id: str, fields: dict[str, Any]) -> str:
-        return self._upsert("training_artifacts", ARTIFACT_COLUMNS, job_id, fields)
+    def upsert_artifact(self, job_id: str, row: ArtifactRow | dict[str, Any]) -> str:
+        return self._upsert("training_artifacts", job_id, _columns(ArtifactRow, row))
 
     def _get(self, table: str, job_id: str) -> dict[str, Any] | None:
         with self._connect() as db:
@@ -300,10 +351,7 @@ class SupabaseRecords:
             retryable=True,
         )
 
-    def _row(self, job_id: str, allowed: tuple[str, ...], table: str, fields: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(fields) - set(allowed)
-        if unknown:
-            raise ValueError(f"unknown {table} columns: {sorted(unknown)}")
+    def _row(self, job_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         user_id = fields.get("user_id")
         if user_id is not None:
             try:
@@ -315,19 +363,19 @@ class SupabaseRecords:
                 ) from None
         return _finite({"job_id": job_id, **fields})
 
-    def upsert_job(self, job_id: str, fields: dict[str, Any]) -> None:
+    def upsert_job(self, job_id: str, update: JobUpdate | dict[str, Any]) -> None:
         from postgrest.types import ReturnMethod
 
         table = self.tables["job"]
-        row = self._row(job_id, JOB_COLUMNS, table, fields)
+        row = self._row(job_id, _columns(JobUpdate, update))
         self._call("write", table, job_id, lambda: self.client.table(table).upsert(
             row, on_conflict="job_id", returning=ReturnMethod.minimal))
 
-    def upsert_artifact(self, job_id: str, fields: dict[str, Any]) -> str:
+    def upsert_artifact(self, job_id: str, row: ArtifactRow | dict[str, Any]) -> str:
         table = self.tables["artifact"]
-        row = self._row(job_id, ARTIFACT_COLUMNS, table, fields)
+        body = self._row(job_id, _columns(ArtifactRow, row))
         rows = self._call("write", table, job_id, lambda: self.client.table(table).upsert(
-            row, on_conflict="job_id").select("id"))
+            body, on_conflict="job_id").select("id"))
         if not rows or "id" not in rows[0]:
             raise RecordError(f"Supabase wrote the {table} row for job {job_id} but did not return its id")
         return str(rows[0]["id"])

@@ -131,7 +131,7 @@ def test_a_failed_final_job_row_names_the_adapter_and_keeps_the_original_error(v
     real = SqliteRecords.upsert_job
 
     def fails_when_done(self, job_id, fields):
-        if fields.get("status") in ("succeeded", "failed"):
+        if fields.status in ("succeeded", "failed"):
             raise RecordError(f"could not write the training_jobs row for job {job_id}: disk I/O error")
         return real(self, job_id, fields)
 

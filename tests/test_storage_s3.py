@@ -123,7 +123,7 @@ def test_put_lays_out_the_job_with_server_verified_checksums(store, s3_server, s
     assert len(completed) == len(local)
     assert stored.files == describe_files(job_dir / "adapter")
     assert stored.bytes == sum(f.bytes for f in stored.files)
-    assert stored.manifest["base_model"]["id"] == "org/base"
+    assert stored.manifest.base.id == "org/base"
 
 
 def test_find_complete_answers_only_a_complete_intact_upload(store, s3_server, s3_bucket, tmp_path):
