@@ -351,6 +351,7 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
                 cancel: threading.Event | None = None) -> None:
     """Resolve, prepare, plan, train and save the job folder (adapter, report, manifests last)."""
     from train_lora import train_lora
+    from training.request import TrainRequest
 
     job_id = tracker.job_id
     hp = job.hyperparameters
@@ -367,22 +368,24 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
     with tracker.stage("train", "train_s"):
         if job_dir.exists():
             shutil.rmtree(job_dir)  # an earlier attempt that never finished: start clean
-        common = dict(
+        distributed = plan.strategy if plan.strategy in ("ddp", "fsdp") else None
+        request = TrainRequest(
+            model_path=load.path, tokenizer_path=resolved.path, hyperparameters=hp, output_dir=job_dir,
             # Kept across attempts: a re-delivered job resumes from its newest complete checkpoint.
             checkpoint_dir=settings.checkpoints_root / job_id,
-            base_model_id=resolved.id, base_revision=resolved.revision,
-            runtime=runtime, on_progress=tracker.on_train_progress,
-            trust_remote_code=resolved.trust_remote_code, max_train_seconds=settings.max_train_seconds,
-            should_stop=cancel.is_set if cancel is not None else None,
-            init_adapter=init.path if init else None,
+            base_model_id=resolved.id, base_revision=resolved.revision, runtime=runtime,
+            trust_remote_code=resolved.trust_remote_code, init_adapter=init.path if init else None,
+            max_train_seconds=settings.max_train_seconds, distributed=distributed,
         )
-        if plan.strategy in ("ddp", "fsdp"):  # several GPUs: one process each (launch.py)
+        should_stop = cancel.is_set if cancel is not None else None
+        if distributed:  # several GPUs: one process each (training/launch.py)
             from training.launch import train_distributed
 
-            result = train_distributed(load.path, prepared, hp, job_dir, processes=len(plan.device_bytes),
-                                       strategy=plan.strategy, tokenizer_path=resolved.path, **common)
+            result = train_distributed(request, prepared, processes=len(plan.device_bytes),
+                                       on_progress=tracker.on_train_progress, should_stop=should_stop)
         else:
-            result = train_lora(load.path, prepared, hp, job_dir, tokenizer=tokenizer, **common)
+            result = train_lora(request, prepared, tokenizer=tokenizer, on_progress=tracker.on_train_progress,
+                                should_stop=should_stop)
     tracker.timings["load_s"] = round(tracker.timings.pop("stage_s") + result.load_seconds, 3)
     tracker.timings["train_s"] = round(result.train_seconds, 3)
 

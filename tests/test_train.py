@@ -13,6 +13,7 @@ from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
 from errors import InputError
 from tests.conftest import assert_adapter_reloads_identically, small_job
 from train_lora import train_lora
+from training.request import TrainRequest
 from training.runtime import plan_runtime
 from training.targets import EXCLUDED_MODULES, resolve_targets
 
@@ -31,9 +32,10 @@ def _train(settings, model_dir, tmp_path, **overrides):
     data = tokenize_dataset(raw, tokenizer, max_seq_length=job.hyperparameters.max_seq_length,
                             train_on_inputs=False)
     snapshot = Snapshot()
-    result = train_lora(model_dir, data, job.hyperparameters, tmp_path / "job",
-                        checkpoint_dir=tmp_path / "ckpt", tokenizer=tokenizer,
-                        base_model_id="org/tiny-llama", base_revision="abc123", callbacks=[snapshot])
+    request = TrainRequest(model_path=model_dir, hyperparameters=job.hyperparameters, output_dir=tmp_path / "job",
+                           checkpoint_dir=tmp_path / "ckpt", base_model_id="org/tiny-llama",
+                           base_revision="abc123", runtime=plan_runtime(job.hyperparameters))
+    result = train_lora(request, data, tokenizer=tokenizer, callbacks=[snapshot])
     return result, snapshot, tokenizer
 
 
