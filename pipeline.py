@@ -221,12 +221,12 @@ def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resol
     CUDA) before any download, fetch the model if needed, tokenize. The runtime itself comes from
     the memory plan later."""
     from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
-    from training.runtime import plan_runtime
+    from training.runtime import check_runnable
 
     hp = job.hyperparameters
     with tracker.stage("dataset", "dataset_s"):
         raw = read_dataset(job.dataset, settings, seed=hp.seed)
-    plan_runtime(hp)
+    check_runnable(hp)
     if resolved is None:
         resolved = _resolve(job, settings, tracker)  # the download: counted in resolve_s
     with tracker.stage("dataset", "dataset_s"):

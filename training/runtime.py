@@ -59,18 +59,23 @@ def this_machine() -> tuple[bool, bool]:
     return cuda, cuda and torch.cuda.is_bf16_supported()
 
 
+def check_runnable(hp: Hyperparameters) -> None:
+    """Raise InputError if this machine cannot run the request (4-bit without CUDA): before any download."""
+    if hp.quantization in ("4bit", "8bit") and not this_machine()[0]:
+        raise InputError(
+            f"hyperparameters.quantization '{hp.quantization}' needs a CUDA GPU (bitsandbytes); this "
+            "worker has none. Use 'auto' or 'none'"
+        )
+
+
 def plan_runtime(hp: Hyperparameters, memory_plan=None) -> Runtime:
     """Check the request against this machine; raise InputError before any load if it cannot run.
 
     ``quantization: auto`` takes the memory plan's choice (none when the model fits in 16 bits, else
     4-bit), and is always none on a CPU.
     """
+    check_runnable(hp)
     cuda, bf16 = this_machine()
-    if hp.quantization in ("4bit", "8bit") and not cuda:
-        raise InputError(
-            f"hyperparameters.quantization '{hp.quantization}' needs a CUDA GPU (bitsandbytes); this "
-            "worker has none. Use 'auto' or 'none'"
-        )
     planned = memory_plan.quantization if memory_plan is not None else None
     return Runtime("cuda" if cuda else "cpu", choose_precision(cuda, bf16),
                    choose_quantization(hp.quantization, cuda, planned),
