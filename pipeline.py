@@ -229,12 +229,12 @@ def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resol
     CUDA) before any download, fetch the model if needed, tokenize. The runtime itself comes from
     the memory plan later."""
     from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
-    from training.runtime import plan_runtime
+    from training.runtime import check_runnable
 
     hp = job.hyperparameters
     with tracker.stage("dataset", "dataset_s"):
         raw = read_dataset(job.dataset, settings, seed=hp.seed)
-    plan_runtime(hp)
+    check_runnable(hp)
     if resolved is None:
         resolved = _resolve(job, settings, tracker)  # the download: counted in resolve_s
     with tracker.stage("dataset", "dataset_s"):
@@ -356,6 +356,7 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
                 cancel: threading.Event | None = None) -> None:
     """Resolve, prepare, plan, train and save the job folder (adapter, report, manifests last)."""
     from train_lora import train_lora
+    from training.request import TrainRequest
 
     job_id = tracker.job_id
     hp = job.hyperparameters
@@ -372,22 +373,24 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
     with tracker.stage("train", "train_s"):
         if job_dir.exists():
             shutil.rmtree(job_dir)  # an earlier attempt that never finished: start clean
-        common = dict(
+        distributed = plan.strategy if plan.strategy in ("ddp", "fsdp") else None
+        request = TrainRequest(
+            model_path=load.path, tokenizer_path=resolved.path, hyperparameters=hp, output_dir=job_dir,
             # Kept across attempts: a re-delivered job resumes from its newest complete checkpoint.
             checkpoint_dir=settings.checkpoints_root / job_id,
-            base_model_id=resolved.id, base_revision=resolved.revision,
-            runtime=runtime, on_progress=tracker.on_train_progress,
-            trust_remote_code=resolved.trust_remote_code, max_train_seconds=settings.max_train_seconds,
-            should_stop=cancel.is_set if cancel is not None else None,
-            init_adapter=init.path if init else None,
+            base_model_id=resolved.id, base_revision=resolved.revision, runtime=runtime,
+            trust_remote_code=resolved.trust_remote_code, init_adapter=init.path if init else None,
+            max_train_seconds=settings.max_train_seconds, distributed=distributed,
         )
-        if plan.strategy in ("ddp", "fsdp"):  # several GPUs: one process each (launch.py)
+        should_stop = cancel.is_set if cancel is not None else None
+        if distributed:  # several GPUs: one process each (training/launch.py)
             from training.launch import train_distributed
 
-            result = train_distributed(load.path, prepared, hp, job_dir, processes=len(plan.device_bytes),
-                                       strategy=plan.strategy, tokenizer_path=resolved.path, **common)
+            result = train_distributed(request, prepared, processes=len(plan.device_bytes),
+                                       on_progress=tracker.on_train_progress, should_stop=should_stop)
         else:
-            result = train_lora(load.path, prepared, hp, job_dir, tokenizer=tokenizer, **common)
+            result = train_lora(request, prepared, tokenizer=tokenizer, on_progress=tracker.on_train_progress,
+                                should_stop=should_stop)
     tracker.timings["load_s"] = round(tracker.timings.pop("stage_s") + result.load_seconds, 3)
     tracker.timings["train_s"] = round(result.train_seconds, 3)
 

@@ -61,6 +61,8 @@ def main() -> None:
     from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
     from demo.tiny_models import build_tiny_model
     from train_lora import train_lora
+    from training.request import TrainRequest
+    from training.runtime import plan_runtime
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     data_records = records(args.examples)
@@ -79,9 +81,10 @@ def main() -> None:
             data = tokenize_dataset(read_dataset(job.dataset, settings, seed=hp.seed), tokenizer,
                                     max_seq_length=hp.max_seq_length, train_on_inputs=False)
             started, cpu_started = time.monotonic(), time.process_time()
-            result = train_lora(model_dir, data, hp, work / f"out-{name}-{round_}",
-                                checkpoint_dir=work / f"ckpt-{name}-{round_}", tokenizer=tokenizer,
-                                base_model_id="bench/tiny-llama")
+            request = TrainRequest(model_path=model_dir, hyperparameters=hp, output_dir=work / f"out-{name}-{round_}",
+                                   checkpoint_dir=work / f"ckpt-{name}-{round_}", base_model_id="bench/tiny-llama",
+                                   runtime=plan_runtime(hp))
+            result = train_lora(request, data, tokenizer=tokenizer)
             cpu_seconds = time.process_time() - cpu_started  # load + train: this process's CPU time
             row = {"round": round_, "tokens_per_second": result.metrics["tokens_per_second"],
                    "tokens_per_cpu_second": result.metrics["train_tokens"] / cpu_seconds,

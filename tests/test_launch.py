@@ -9,6 +9,7 @@ from config.job import TrainingJob
 from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
 from tests.conftest import small_job
 from training.launch import train_distributed
+from training.request import TrainRequest
 from training.runtime import Runtime
 
 
@@ -22,14 +23,18 @@ def _inputs(settings, **hyperparameters):
     return model_dir, tokenizer, data, hp
 
 
+def _request(model_dir, hp, output_dir, checkpoint_dir, strategy, runtime):
+    return TrainRequest(model_path=model_dir, hyperparameters=hp, output_dir=output_dir,
+                        checkpoint_dir=checkpoint_dir, base_model_id="org/tiny-llama", base_revision=None,
+                        runtime=runtime, distributed=strategy)
+
+
 @pytest.mark.slow
 def test_two_ddp_processes_train_one_adapter_and_report_progress(settings, tmp_path):
     model_dir, _, data, hp = _inputs(settings, batch_size=4)
     events = []
-    result = train_distributed(model_dir, data, hp, tmp_path / "job", processes=2, strategy="ddp",
-                               checkpoint_dir=tmp_path / "ckpt", base_model_id="org/tiny-llama",
-                               base_revision=None, runtime=Runtime("cpu", "fp32", "none", False),
-                               on_progress=events.append)
+    request = _request(model_dir, hp, tmp_path / "job", tmp_path / "ckpt", "ddp", Runtime("cpu", "fp32", "none", False))
+    result = train_distributed(request, data, processes=2, on_progress=events.append)
     # 32 examples, 2 ranks × batch 4 per step: 4 steps an epoch, 2 epochs.
     assert result.metrics["steps"] == 8
     assert result.metrics["last_loss"] < result.metrics["first_loss"]
@@ -45,9 +50,8 @@ def test_an_error_in_the_ranks_comes_back_as_the_same_worker_error(settings, tmp
 
     model_dir, _, data, hp = _inputs(settings, target_modules=["query_key_value"])
     with pytest.raises(InputError, match=r"target_modules \['query_key_value'\] match no linear layer"):
-        train_distributed(model_dir, data, hp, tmp_path / "job", processes=2, strategy="ddp",
-                          checkpoint_dir=tmp_path / "ckpt", base_model_id="org/tiny-llama",
-                          base_revision=None, runtime=Runtime("cpu", "fp32", "none", False))
+        train_distributed(_request(model_dir, hp, tmp_path / "job", tmp_path / "ckpt", "ddp",
+                                   Runtime("cpu", "fp32", "none", False)), data, processes=2)
 
 
 @pytest.mark.gpu
@@ -56,10 +60,9 @@ def test_all_gpus_of_this_worker_train_with_ddp(settings, tmp_path):
         pytest.skip("needs 2 or more CUDA GPUs")
     model_dir, _, data, hp = _inputs(settings)
     for strategy in ("ddp", "fsdp"):
-        result = train_distributed(model_dir, data, hp, tmp_path / strategy, processes=torch.cuda.device_count(),
-                                   strategy=strategy, checkpoint_dir=tmp_path / f"ckpt-{strategy}",
-                                   base_model_id="org/tiny-llama", base_revision=None,
-                                   runtime=Runtime("cuda", "bf16", "none", False))
+        request = _request(model_dir, hp, tmp_path / strategy, tmp_path / f"ckpt-{strategy}", strategy,
+                           Runtime("cuda", "bf16", "none", False))
+        result = train_distributed(request, data, processes=torch.cuda.device_count())
         assert result.metrics["last_loss"] < result.metrics["first_loss"], strategy
         assert (result.adapter_dir / "adapter_model.safetensors").is_file()
 
@@ -71,8 +74,7 @@ def test_a_cancel_stops_every_rank_at_the_same_step_with_a_checkpoint(settings, 
 
     model_dir, _, data, hp = _inputs(settings, batch_size=4, epochs=20)
     with pytest.raises(TrainingCancelled, match=r"training was cancelled at step \d+ of 80"):
-        train_distributed(model_dir, data, hp, tmp_path / "job", processes=2, strategy="ddp",
-                          checkpoint_dir=tmp_path / "ckpt", base_model_id="org/tiny-llama",
-                          base_revision=None, runtime=Runtime("cpu", "fp32", "none", False),
+        train_distributed(_request(model_dir, hp, tmp_path / "job", tmp_path / "ckpt", "ddp",
+                                   Runtime("cpu", "fp32", "none", False)), data, processes=2,
                           should_stop=lambda: True)
     assert len(list((tmp_path / "ckpt").glob(f"checkpoint-*/{CHECKPOINT_MARKER}"))) == 1

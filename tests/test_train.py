@@ -13,7 +13,9 @@ from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
 from errors import InputError
 from tests.conftest import assert_adapter_reloads_identically, small_job
 from train_lora import train_lora
-from training.runtime import plan_runtime
+from training.memory_plan import plan_memory
+from training.request import TrainRequest
+from training.runtime import choose_precision, plan_runtime
 from training.targets import EXCLUDED_MODULES, resolve_targets
 
 
@@ -31,9 +33,10 @@ def _train(settings, model_dir, tmp_path, **overrides):
     data = tokenize_dataset(raw, tokenizer, max_seq_length=job.hyperparameters.max_seq_length,
                             train_on_inputs=False)
     snapshot = Snapshot()
-    result = train_lora(model_dir, data, job.hyperparameters, tmp_path / "job",
-                        checkpoint_dir=tmp_path / "ckpt", tokenizer=tokenizer,
-                        base_model_id="org/tiny-llama", base_revision="abc123", callbacks=[snapshot])
+    request = TrainRequest(model_path=model_dir, hyperparameters=job.hyperparameters, output_dir=tmp_path / "job",
+                           checkpoint_dir=tmp_path / "ckpt", base_model_id="org/tiny-llama",
+                           base_revision="abc123", runtime=plan_runtime(job.hyperparameters))
+    result = train_lora(request, data, tokenizer=tokenizer, callbacks=[snapshot])
     return result, snapshot, tokenizer
 
 
@@ -101,3 +104,31 @@ def test_quantization_without_cuda_is_an_input_error():
     runtime = plan_runtime(TrainingJob.from_payload(small_job()).hyperparameters)
     assert (runtime.device, runtime.precision, runtime.quantization) == ("cpu", "fp32", "none")
     assert runtime.gradient_checkpointing is False
+
+
+def test_the_request_reaches_a_rank_as_it_was_built(tmp_path):
+    hp = TrainingJob.from_payload(small_job(hyperparameters={"lora_r": 4})).hyperparameters
+    request = TrainRequest(model_path=tmp_path / "m", hyperparameters=hp, output_dir=tmp_path / "job",
+                           checkpoint_dir=tmp_path / "ckpt", base_model_id="org/tiny-llama",
+                           runtime=plan_runtime(hp), distributed="ddp", max_train_seconds=30)
+    back = TrainRequest.model_validate_json(request.model_dump_json())
+    assert back == request
+    # What the job set, and only that: lora_dropout_for tells a default from a user's choice by it.
+    assert back.hyperparameters.model_fields_set == hp.model_fields_set
+    ranked = back.for_rank(1, 1, 2)
+    assert (ranked.rank, ranked.local_rank, ranked.world_size) == (1, 1, 2)
+    assert ranked.hyperparameters.model_fields_set == hp.model_fields_set
+
+
+@pytest.mark.parametrize("cuda, bf16, expected", [(True, True, "bf16"), (True, False, "fp16"),
+                                                   (False, True, "fp32"), (False, False, "fp32")])
+def test_one_precision_rule(cuda, bf16, expected):
+    assert choose_precision(cuda, bf16) == expected
+
+
+def test_the_memory_plan_and_the_runtime_agree(tiny_llama):
+    hp = TrainingJob.from_payload(small_job()).hyperparameters
+    plan = plan_memory(tiny_llama, hp)  # this machine, as the pipeline plans it
+    runtime = plan_runtime(hp, plan)
+    assert (plan.device, plan.precision, plan.quantization, plan.gradient_checkpointing) == (
+        runtime.device, runtime.precision, runtime.quantization, runtime.gradient_checkpointing)

@@ -19,6 +19,8 @@ from demo.tiny_models import FAMILIES
 from errors import InputError
 from tests.conftest import assert_adapter_reloads_identically, small_job
 from train_lora import train_lora
+from training.request import TrainRequest
+from training.runtime import plan_runtime
 from training.sft_config import plan_batching
 from training.targets import Targets, lora_dropout_for, resolve_targets
 
@@ -35,8 +37,10 @@ def train_family(settings, model_dir, tmp_path, **overrides):
     raw = read_dataset(job.dataset, settings, seed=hp.seed)
     data = tokenize_dataset(raw, tokenizer, max_seq_length=hp.max_seq_length, train_on_inputs=False)
     snapshot = Snapshot()
-    result = train_lora(model_dir, data, hp, tmp_path / "job", checkpoint_dir=tmp_path / "ckpt",
-                        tokenizer=tokenizer, base_model_id=f"org/{model_dir.name}", callbacks=[snapshot])
+    request = TrainRequest(model_path=model_dir, hyperparameters=hp, output_dir=tmp_path / "job",
+                           checkpoint_dir=tmp_path / "ckpt", base_model_id=f"org/{model_dir.name}",
+                           runtime=plan_runtime(hp))
+    result = train_lora(request, data, tokenizer=tokenizer, callbacks=[snapshot])
     return result, snapshot, tokenizer
 
 

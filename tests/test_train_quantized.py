@@ -16,6 +16,7 @@ from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
 from tests.conftest import small_job
 from train_lora import train_lora
 from training.loading import load_base_model
+from training.request import TrainRequest
 from training.runtime import Runtime
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
@@ -66,8 +67,9 @@ def test_qlora_trains_on_a_4bit_base(settings, tmp_path):
     data = tokenize_dataset(read_dataset(job.dataset, settings, seed=hp.seed), tokenizer,
                             max_seq_length=hp.max_seq_length, train_on_inputs=False)
     runtime = Runtime(device, "bf16" if device == "cuda" else "fp32", "4bit", False)
-    result = train_lora(model_dir, data, hp, tmp_path / "job", checkpoint_dir=tmp_path / "ckpt",
-                        tokenizer=tokenizer, base_model_id="org/tiny-llama", runtime=runtime)
+    request = TrainRequest(model_path=model_dir, hyperparameters=hp, output_dir=tmp_path / "job",
+                           checkpoint_dir=tmp_path / "ckpt", base_model_id="org/tiny-llama", runtime=runtime)
+    result = train_lora(request, data, tokenizer=tokenizer)
     assert result.metrics["steps"] == 6
     losses = [e["loss"] for e in result.log_history if "loss" in e]
     assert losses[-1] < losses[0]

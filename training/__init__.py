@@ -1,1 +1,2 @@
-"""How training runs: runtime and precision, LoRA targets, SFT config, callbacks, checkpoints, memory plan, launch."""
+"""How training runs: the request, runtime and precision, LoRA targets and peft setup, SFT config, callbacks,
+checkpoints, memory plan, launch."""

@@ -12,10 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_pt_utils import safe_globals
+
+from files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +68,6 @@ def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path, dict | None]
 
 def _unsafe_reason(path: Path) -> str | None:
     """Why this checkpoint must not be loaded, or None."""
-    import torch
-    from transformers.trainer_pt_utils import safe_globals
-
     if not (path / "adapter_model.safetensors").is_file():
         return "it has no adapter_model.safetensors"
     strangers = sorted(p.name for p in path.rglob("*")
@@ -106,7 +108,7 @@ def find_resume_checkpoint(checkpoint_dir: Path, signature: str) -> Path | None:
     return chosen
 
 
-class CheckpointKeeper:
+class CheckpointKeeper(TrainerCallback):
     """After the Trainer writes a checkpoint: drop the pickled args, mark it complete, keep the newest.
 
     The marker is written last, atomically: a folder without it is a save that a kill interrupted.
@@ -115,28 +117,20 @@ class CheckpointKeeper:
     """
 
     def __init__(self, checkpoint_dir: Path, signature: str, keep: int):
-        from transformers import TrainerCallback
-
-        outer = self
-
-        class Callback(TrainerCallback):
-            def on_save(self, args, state, control, **kwargs):
-                if state.is_world_process_zero:
-                    outer.mark(state.global_step)
-
-        self.callback = Callback()
         self.checkpoint_dir = checkpoint_dir
         self.signature = signature
         self.keep = keep
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.mark(state.global_step)
 
     def mark(self, step: int) -> None:
         path = self.checkpoint_dir / f"checkpoint-{step}"
         # The Trainer's pickled TrainingArguments: never read on resume, so never kept to be read.
         (path / "training_args.bin").unlink(missing_ok=True)
-        marker = {"step": step, "signature": self.signature, "completed_at": time.time()}
-        tmp = path / f".{CHECKPOINT_MARKER}.tmp"
-        tmp.write_text(json.dumps(marker))
-        os.replace(tmp, path / CHECKPOINT_MARKER)
+        write_json_atomic(path / CHECKPOINT_MARKER,
+                          {"step": step, "signature": self.signature, "completed_at": time.time()})
         complete = [p for s, p, m in list_checkpoints(self.checkpoint_dir) if m is not None]
         for old in complete[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,11 @@ def quantization_config(quantization: str, compute_dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool = False):
+def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool = False, local_rank: int = 0):
+    """The base model in the runtime's precision (and quantization), ready for LoRA.
+
+    ``local_rank``: this process's GPU on its machine when several train together (from the request).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -44,7 +47,7 @@ def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool 
     if runtime.quantization != "none":
         kwargs["quantization_config"] = quantization_config(runtime.quantization, dtype)
         # bitsandbytes quantizes while placing: the whole model on this process's device.
-        kwargs["device_map"] = {"": local_device(runtime)}
+        kwargs["device_map"] = {"": local_rank if runtime.device == "cuda" else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
     except (OSError, ValueError) as exc:
@@ -58,8 +61,3 @@ def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool 
     model.config.use_cache = False  # caches are for generation; they waste memory in training
     return model
 
-
-def local_device(runtime: Runtime):
-    if runtime.device != "cuda":
-        return "cpu"
-    return int(os.environ.get("LOCAL_RANK", "0"))  # accelerate sets it per process; 0 when alone

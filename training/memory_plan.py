@@ -31,6 +31,13 @@ from typing import Any
 
 from errors import ModelError, TrainingError
 from models.safetensors import SAFETENSORS_BYTES, safetensors_headers
+from training.runtime import (
+    choose_checkpointing,
+    choose_precision,
+    choose_quantization,
+    this_machine,
+)
+from training.targets import resolve_targets
 
 GiB = 1024**3
 LORA_BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 moments
@@ -180,8 +187,6 @@ class _Shape:
 def _measure(model, lora_r: int, target_modules, stored_bytes: int) -> _Shape:
     import torch.nn as nn
 
-    from training.targets import resolve_targets
-
     linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     params = []
     for name, param in model.named_parameters():
@@ -286,22 +291,25 @@ def detect_devices() -> tuple[bool, list[int]]:
 
 
 def plan_memory(model_dir: str | Path, hp, *, cuda: bool | None = None, devices: list[int] | None = None,
-                precision: str | None = None, trust_remote_code: bool = False, model=None) -> MemoryPlan:
+                trust_remote_code: bool = False, model=None) -> MemoryPlan:
     """The memory plan of training ``hp`` on the model in ``model_dir`` on these devices.
 
-    ``cuda``/``devices`` default to this machine; pass them to plan for another one. Nothing is
-    raised for a job that does not fit: see ``require_fit``.
+    ``cuda``/``devices`` default to this machine; pass them to plan for another one (assumed to have
+    bf16, as every current data-center GPU does). Precision, quantization and gradient checkpointing
+    follow training/runtime.py's rules, the ones training loads with. Nothing is raised for a job
+    that does not fit: see ``require_fit``.
     """
+    bf16 = True
     if cuda is None or devices is None:
         cuda, devices = detect_devices()
-    if precision is None:
-        precision = "bf16" if cuda else "fp32"
+        bf16 = this_machine()[1]
+    precision = choose_precision(cuda, bf16)
     model_dir = Path(model_dir)
     headers = safetensors_headers(model_dir)
     stored = sum(SAFETENSORS_BYTES.get(dtype, 2) * math.prod(shape) for dtype, shape in headers.values())
     model = model if model is not None else meta_model(model_dir, trust_remote_code)
     shape = _measure(model, hp.lora_r, hp.target_modules, stored)
-    checkpointing = cuda if hp.gradient_checkpointing == "auto" else bool(hp.gradient_checkpointing)
+    checkpointing = choose_checkpointing(hp.gradient_checkpointing, cuda)
     tokens = hp.batch_size * hp.max_seq_length
 
     def attempt(quantization: str, *, shard: bool, tokens: int = tokens, checkpointing: bool = checkpointing):
@@ -314,7 +322,7 @@ def plan_memory(model_dir: str | Path, hp, *, cuda: bool | None = None, devices:
     elif cuda:
         candidates = [("none", False)] + ([("none", True)] if len(devices) > 1 else []) + [("4bit", False)]
     else:
-        candidates = [("none", False)]
+        candidates = [(choose_quantization("auto", False, None), False)]
     chosen = None
     for quantization, shard in candidates:
         fit, parts = attempt(quantization, shard=shard)

@@ -1,12 +1,15 @@
-"""What training returns: the adapter folder, its LoRA settings as applied, metrics and timings."""
+"""What training returns: the adapter folder, its LoRA settings as applied, metrics and timings.
+
+All of it serialisable: the ranks of a multi-process job send their result (or their error) back
+to the worker as JSON, and their progress as one line per event.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class LoraSettings(BaseModel):
@@ -29,17 +32,35 @@ class LoraSettings(BaseModel):
                    target_parameters=list(targets.parameters))
 
 
-@dataclass
-class TrainResult:
+class ProgressEvent(BaseModel):
+    """One logged training step, as ``on_progress`` receives it."""
+
+    # A NaN loss is news (training stops on it): it crosses from a rank as NaN, not as null.
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+    step: int
+    total_steps: int
+    loss: float | None
+    learning_rate: float | None
+    epoch: float | None
+    tokens_per_second: float | None
+    eta_s: float | None
+
+
+class TrainResult(BaseModel):
+    # Metrics and log entries keep a NaN as NaN on their way back from a rank (json.dumps does too).
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
     adapter_dir: Path
     metrics: dict[str, Any]
     lora: LoraSettings
-    log_history: list[dict[str, Any]] = field(default_factory=list)
+    log_history: list[dict[str, Any]] = []
     precision: str = "fp32"
     device: str = "cpu"
     load_seconds: float = 0.0
     train_seconds: float = 0.0
-    model: Any = field(default=None, repr=False)  # the trained PeftModel, for callers that evaluate it
+    # The trained PeftModel, for callers that evaluate it; never serialised (a rank's stays there).
+    model: Any = Field(default=None, exclude=True, repr=False)
 
     @property
     def target_modules(self) -> list[str]:
@@ -49,3 +70,23 @@ class TrainResult:
     def target_parameters(self) -> list[str]:
         """Fused expert weights adapted (peft's ``target_parameters``)."""
         return self.lora.target_parameters
+
+
+class RankFailure(BaseModel):
+    """A rank's WorkerError, to be raised again as the same class in the worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    error_class: str
+    stage: str
+    message: str
+    retryable: bool
+
+
+class RankOutcome(BaseModel):
+    """What rank 0 writes when a multi-process run ends: the result, or the error that ended it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    result: TrainResult | None = None
+    failure: RankFailure | None = None

@@ -1,21 +1,71 @@
-"""Where and how training runs (device, precision, quantization), decided once before any load."""
+"""Where and how training runs (device, precision, quantization), decided once before any load.
+
+The rules live here and nowhere else: the memory plan counts bytes with them and ``plan_runtime``
+loads the model with them, so the two cannot disagree.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass
 
 from config.job import Hyperparameters
 from errors import InputError
 
+Device = Literal["cpu", "cuda"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Quantization = Literal["none", "8bit", "4bit"]
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class Runtime:
-    """Where and how training runs: decided once, before any weight is loaded."""
+    """Where and how training runs: decided once, before any weight is loaded.
 
-    device: str  # cpu | cuda
-    precision: str  # fp32 | bf16 | fp16
-    quantization: str  # none | 8bit | 4bit
+    A pydantic dataclass: it travels inside ``TrainRequest`` to the ranks of a multi-process job.
+    """
+
+    device: Device
+    precision: Precision
+    quantization: Quantization
     gradient_checkpointing: bool
+
+
+def choose_precision(cuda: bool, bf16_supported: bool) -> Precision:
+    """The one precision rule: bf16 on a GPU that has it, else fp16 (with loss scaling); fp32 on a CPU."""
+    if not cuda:
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def choose_quantization(requested: str, cuda: bool, planned: str | None) -> Quantization:
+    """``auto`` takes the memory plan's choice on a GPU and is always none on a CPU (bitsandbytes needs CUDA)."""
+    if requested != "auto":
+        return requested  # type: ignore[return-value]  # Hyperparameters allows only the three others
+    return planned if cuda and planned is not None else "none"  # type: ignore[return-value]
+
+
+def choose_checkpointing(requested: str | bool, cuda: bool) -> bool:
+    """``auto``: on a GPU, where memory is short; off on a CPU, where recomputing only costs time."""
+    return cuda if requested == "auto" else bool(requested)
+
+
+def this_machine() -> tuple[bool, bool]:
+    """(CUDA present, bf16 supported) on this machine."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return cuda, cuda and torch.cuda.is_bf16_supported()
+
+
+def check_runnable(hp: Hyperparameters) -> None:
+    """Raise InputError if this machine cannot run the request (4-bit without CUDA): before any download."""
+    if hp.quantization in ("4bit", "8bit") and not this_machine()[0]:
+        raise InputError(
+            f"hyperparameters.quantization '{hp.quantization}' needs a CUDA GPU (bitsandbytes); this "
+            "worker has none. Use 'auto' or 'none'"
+        )
 
 
 def plan_runtime(hp: Hyperparameters, memory_plan=None) -> Runtime:
@@ -24,23 +74,9 @@ def plan_runtime(hp: Hyperparameters, memory_plan=None) -> Runtime:
     ``quantization: auto`` takes the memory plan's choice (none when the model fits in 16 bits, else
     4-bit), and is always none on a CPU.
     """
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if hp.quantization in ("4bit", "8bit") and not cuda:
-        raise InputError(
-            f"hyperparameters.quantization '{hp.quantization}' needs a CUDA GPU (bitsandbytes); this "
-            "worker has none. Use 'auto' or 'none'"
-        )
-    if hp.quantization != "auto":
-        quantization = hp.quantization
-    elif memory_plan is not None and cuda:
-        quantization = memory_plan.quantization
-    else:
-        quantization = "none"
-    if cuda:
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    else:
-        precision = "fp32"
-    checkpointing = cuda if hp.gradient_checkpointing == "auto" else bool(hp.gradient_checkpointing)
-    return Runtime("cuda" if cuda else "cpu", precision, quantization, checkpointing)
+    check_runnable(hp)
+    cuda, bf16 = this_machine()
+    planned = memory_plan.quantization if memory_plan is not None else None
+    return Runtime("cuda" if cuda else "cpu", choose_precision(cuda, bf16),
+                   choose_quantization(hp.quantization, cuda, planned),
+                   choose_checkpointing(hp.gradient_checkpointing, cuda))
