@@ -165,15 +165,21 @@ def main() -> None:
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     import runpod  # before configure_logging: the SDK installs its log handler when imported
 
+    import fitness
+
     try:
         settings = get_settings()
     except WorkerError as exc:
         # Start anyway: each job then fails with this reason, which RunPod shows to its caller,
         # where a worker that cannot start shows it only in the endpoint's logs.
         logger.error("worker settings are invalid; every job will fail: %s", exc.message)
+        fitness.register(None)
         runpod.serverless.start({"handler": async_handler})
         return
     configure_logging(settings)
+    fitness.point_caches_at_volume(settings)
+    # Run by the SDK before the first job, on RunPod only: a failing check exits 1 naming itself.
+    fitness.register(settings)
     runpod.serverless.start({"handler": partial(async_handler, settings=settings)})
 
 
