@@ -446,6 +446,8 @@ def _is_union_tag(part: Any) -> bool:
 def job_json_schema() -> dict[str, Any]:
     schema = TrainingJob.model_json_schema()
     schema["title"] = "LoRA training job input"
+    # A string in the dataset's place is its uri (``_dataset_string_is_uri``, before pydantic's schema).
+    schema["properties"]["dataset"]["anyOf"].insert(1, {"type": "string", "minLength": 1, "maxLength": 8192})
     return schema
 
 

@@ -4,6 +4,15 @@
 //
 // Pure logic with its dependencies passed in (fetch, config, clock), so it is tested without a
 // network: see jobs_test.ts. index.ts is the Deno.serve entry that Supabase runs.
+//
+// Each row's input is checked against the worker's job schema (job-input.schema.json, a copy of
+// schema/job-input.schema.json kept equal by tests) before it is submitted: a row the worker would
+// refuse fails here at once, with the reason, and never costs a GPU start.
+
+import jobSchema from "./job-input.schema.json" with { type: "json" };
+import { assertSupported, type Schema, validate } from "./schema.ts";
+
+assertSupported(jobSchema);
 
 export interface Config {
   supabaseUrl: string;
@@ -39,6 +48,7 @@ export interface Summary {
   failed: { job_id: string; error: string }[];
   settled: { job_id: string; status: string }[];
   released: string[];
+  rejected: { job_id: string; error: string }[];
 }
 
 type Fetch = typeof fetch;
@@ -84,6 +94,11 @@ export function jobInput(row: JobRow): Record<string, unknown> {
   if (row.user_id) metadata.user_id = row.user_id;
   if (Object.keys(metadata).length) input.metadata = metadata;
   return input;
+}
+
+/** Why `input` breaks the worker's job schema: one sentence per problem, none when it is valid. */
+export function jobInputErrors(input: unknown): string[] {
+  return validate(input, jobSchema as Schema);
 }
 
 /** Error text without secrets: URLs lose their query strings, known keys are masked. */
@@ -132,7 +147,7 @@ const eq = (value: string) => `eq.${encodeURIComponent(value)}`;
 export async function processTrainingJobs(config: Config, fetchImpl: Fetch, now: () => Date = () => new Date()): Promise<Summary> {
   const rest = new Rest(config, fetchImpl);
   const secrets = [config.serviceRoleKey, config.runpodApiKey];
-  const summary: Summary = { submitted: [], retried: [], failed: [], settled: [], released: [] };
+  const summary: Summary = { submitted: [], retried: [], failed: [], settled: [], released: [], rejected: [] };
 
   // 1. Claims left by an invocation that died between claiming and submitting go back to the queue.
   const staleBefore = new Date(now().getTime() - config.claimStaleAfterS * 1000).toISOString();
@@ -148,6 +163,19 @@ export async function processTrainingJobs(config: Config, fetchImpl: Fetch, now:
     `select=*&status=eq.queued&runpod_job_id=is.null&order=created_at.asc&limit=${config.maxJobsPerRun}`,
   );
   for (const row of queued) {
+    const problems = jobInputErrors(jobInput(row));
+    if (problems.length) {
+      // The worker would fail it with an `input:` error: fail it here, without a GPU start. Only
+      // while it is still queued and unclaimed, so a concurrent invocation's claim is never undone.
+      const error = scrub(`input: ${problems.join("; ")}`, secrets).slice(0, 2000);
+      const rejected = await rest.update(`job_id=${eq(row.job_id)}&status=eq.queued&runpod_job_id=is.null`, {
+        status: "failed",
+        error,
+        finished_at: now().toISOString(),
+      });
+      if (rejected.length === 1) summary.rejected.push({ job_id: row.job_id, error });
+      continue;
+    }
     const claim = `${CLAIM}${crypto.randomUUID()}`;
     const claimed = await rest.update(`job_id=${eq(row.job_id)}&status=eq.queued&runpod_job_id=is.null`, {
       runpod_job_id: claim,

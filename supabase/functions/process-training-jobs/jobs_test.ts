@@ -222,3 +222,35 @@ Deno.test("jobInput leaves out what the row does not set", () => {
   const input = jobInput({ ...row("j"), base_model: null, dataset: "datasets/x.jsonl", hyperparameters: null, user_id: null } as unknown as JobRow);
   assert.deepEqual(input, { action: "train", job_id: "j", dataset: "datasets/x.jsonl" });
 });
+
+Deno.test("a row the worker's schema refuses fails at once with the reason, and is never submitted", async () => {
+  const apis = new FakeApis([
+    row("job-bad", { hyperparameters: { lora_rank: 8, lora_dropout: 1.5 } }),
+    row("job-good", { created_at: "2026-11-25T10:01:00Z" }),
+  ]);
+  const summary = await processTrainingJobs(config(), apis.fetch, at("2026-11-25T11:00:00Z"));
+  assert.deepEqual(summary.submitted, [{ job_id: "job-good", runpod_job_id: "rp-1" }]);
+  assert.equal(apis.runs.length, 1);
+  assert.equal(apis.runs[0].body.input && (apis.runs[0].body.input as Record<string, unknown>).job_id, "job-good");
+  const bad = apis.rows.find((r) => r.job_id === "job-bad")!;
+  assert.equal(bad.status, "failed");
+  assert.equal(bad.runpod_job_id, null);
+  assert.equal(bad.finished_at, "2026-11-25T11:00:00.000Z");
+  assert.equal(bad.error, "input: unknown key 'lora_rank' in `hyperparameters`; did you mean 'lora_r'?; " +
+    "`hyperparameters.lora_dropout` must be less than 1; got 1.5");
+  assert.deepEqual(summary.rejected, [{ job_id: "job-bad", error: bad.error }]);
+
+  const again = await processTrainingJobs(config(), apis.fetch, at("2026-11-25T11:01:00Z"));
+  assert.deepEqual(again.rejected, [], "a failed row is not looked at again");
+});
+
+Deno.test("a rejected row's error carries no secret and no signed-URL query", async () => {
+  const apis = new FakeApis([row("job-x", {
+    dataset: { uri: "https://project.supabase.co/storage/v1/object/sign/d.jsonl?token=abc", formatt: SERVICE_KEY },
+  })]);
+  const summary = await processTrainingJobs(config(), apis.fetch, at("2026-11-25T11:00:00Z"));
+  assert.equal(summary.rejected.length, 1);
+  const error = String(apis.rows[0].error);
+  assert.ok(error.startsWith("input: unknown key 'formatt' in `dataset`; did you mean 'format'?"), error);
+  assert.ok(!error.includes(SERVICE_KEY) && !error.includes("token=abc"), error);
+});
