@@ -12,7 +12,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint venv clean-volume
+.PHONY: demo test test-gpu gpu-wheels lint venv clean-volume
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,18 @@ demo: venv
 # Checks the layering (lint-imports), starts what the tests need (scripts/test.sh), runs the whole suite.
 test: venv
 	bash scripts/test.sh $(PYTEST_ARGS)
+
+# The `gpu`-marked tests (tests/test_gpu.py and others): on a machine without CUDA each one skips with
+# its reason shown (-rs) and this exits 0. GPU_PY runs them with another interpreter (the GPU machine's
+# own Python: scripts/gpu-check.sh); by default the venv's.
+GPU_PY ?= $(PY)
+test-gpu: $(if $(filter $(PY),$(GPU_PY)),venv)
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLCONFIGDIR=$${MPLCONFIGDIR:-/tmp/mpl-test-gpu} \
+		$(GPU_PY) -m pytest -m gpu -rs -p no:cacheprovider $(PYTEST_ARGS) tests/
+
+# The wheels the GPU check carries to a machine without a package registry (scripts/gpu-wheels.sh).
+gpu-wheels: venv
+	bash scripts/gpu-wheels.sh
 
 # The layering contracts alone (.importlinter); `make test` runs them too.
 lint: venv
