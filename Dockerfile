@@ -31,7 +31,7 @@ RUN apt-get update \
 WORKDIR /app
 
 # torch first and on its own: PyPI's Linux x86_64 wheel of torch 2.13.0 is the CUDA build and
-# carries its CUDA runtime; RunPod hosts provide the driver. Another CUDA line:
+# carries its CUDA 13 runtime; RunPod hosts provide the driver (580 or newer). Another CUDA line:
 #   --build-arg TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 ARG TORCH_SPEC="torch==2.13.0"
 # DL3013: the pin is in TORCH_SPEC.
