@@ -178,3 +178,29 @@ def test_kernels_are_reported_by_version_only_when_they_import(monkeypatch, tmp_
     assert found == {"peft": importlib.metadata.version("peft")}
     assert kernels.attention_implementation(found) == "sdpa"
     assert kernels.attention_implementation({"flash-attn": "2.8.3"}) == "flash_attention_2"
+
+
+# --- the wheels the GPU check carries -------------------------------------------------------------
+
+def test_slim_wheel_drops_the_matching_libraries_and_their_record_lines(tmp_path):
+    import zipfile
+
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    files = {"pkg/__init__.py": b"", "pkg/lib_cuda118.so": b"x" * 1000, "pkg/lib_cuda130.so": b"y" * 10,
+             "pkg/lib_cpu.so": b"z"}
+    record = "".join(f"{name},sha256=abc,{len(data)}\n" for name, data in files.items()) + "pkg-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr("pkg-1.0.dist-info/RECORD", record)
+    run = subprocess.run([sys.executable, "scripts/slim_wheel.py", str(wheel), "--drop", r"lib_cuda\d+\.so$",
+                          "--keep", r"lib_cuda13\d\.so$"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    with zipfile.ZipFile(wheel) as zf:
+        assert sorted(zf.namelist()) == ["pkg-1.0.dist-info/RECORD", "pkg/__init__.py", "pkg/lib_cpu.so",
+                                         "pkg/lib_cuda130.so"]
+        assert "lib_cuda118" not in zf.read("pkg-1.0.dist-info/RECORD").decode()
+        assert zf.read("pkg/lib_cuda130.so") == b"y" * 10
+    again = subprocess.run([sys.executable, "scripts/slim_wheel.py", str(wheel), "--drop", r"lib_rocm\d+\.so$"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode != 0 and "nothing in" in again.stderr  # a pattern that matches nothing is a mistake
