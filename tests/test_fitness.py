@@ -224,3 +224,13 @@ def test_the_cuda_check_runs_a_kernel_on_the_gpu():
         pytest.skip("needs a CUDA GPU")
     assert fitness.check_cuda("test") == torch.cuda.get_device_name(0)
     assert fitness.check_precision() in ("bf16", "fp16")
+
+
+def test_library_caches_follow_the_volume_unless_hf_home_is_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HOME", raising=False)
+    settings = _settings(tmp_path)
+    fitness.point_caches_at_volume(settings)
+    assert os.environ["HF_HOME"] == str(tmp_path / "vol" / "huggingface-cache")
+    monkeypatch.setenv("HF_HOME", "/elsewhere")
+    fitness.point_caches_at_volume(settings)
+    assert os.environ["HF_HOME"] == "/elsewhere"
