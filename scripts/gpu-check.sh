@@ -144,10 +144,12 @@ log = (results / "test-gpu.log").read_text(errors="replace") if (results / "test
 figures = [l for l in log.splitlines() if re.match(r"^(memory plan|eager|sdpa|flash_attention_2)\b", l.strip())]
 if figures:
     lines += ["", "Figures printed by the tests:", "", "```", *figures, "```"]
-bench = results / "train_throughput-gpu.json"
-lines += ["", f"Benchmark (`bench/train_throughput.py --examples {examples} --rounds 2`): exit {bench_rc}"]
-if bench.is_file():
-    lines += ["", "```", bench.read_text()[:3000], "```"]
+bench_log = results / "bench.log"
+lines += ["", f"Benchmark (`bench/train_throughput.py --examples {examples} --rounds 2`, raw figures in "
+          f"train_throughput-gpu.json): exit {bench_rc}"]
+if bench_log.is_file():
+    printed = [l for l in bench_log.read_text(errors="replace").splitlines() if l.startswith(("round ", "padded", "padding_free", "packed"))]
+    lines += ["", "```", *printed, "```"]
 (results / "results.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines[:12]))
 PY
