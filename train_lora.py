@@ -77,6 +77,7 @@ def train_lora(request: TrainRequest, data: PreparedDataset, *, tokenizer,
                                 local_rank=request.local_rank)
         if base is not None:
             base.hold(model)
+            model = base.model
     load_seconds = time.monotonic() - load_started
     batching = plan_batching(hp, model.config)
     model, targets = apply_lora(model, request, batching)

@@ -7,6 +7,7 @@ adapter it trains is the adapter a cold worker trains for that job alone.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -45,14 +46,25 @@ def _assert_same_adapter(a: dict, b: dict) -> None:
         assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
 
 
-def test_the_second_job_reuses_the_base_and_trains_what_a_cold_worker_trains(cache):
-    first = _run("warm-1")
-    second = _run("warm-2", hyperparameters={"seed": 7})
+def test_the_second_job_reuses_the_base_and_trains_what_a_cold_worker_trains(cache, volume, model_factory,
+                                                                            monkeypatch):
+    import train_lora
+
+    # a model whose load takes long enough to time (tenths of a second) against a skipped one
+    shutil.copytree(model_factory("llama", hidden_size=256, layers=4), volume / "models" / "llama-256")
+    loads = []
+    real_load = train_lora.load_base_model
+    monkeypatch.setattr(train_lora, "load_base_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    short = {"base_model": "llama-256", "dataset": {"uri": "datasets/capitals.jsonl", "max_examples": 16}}
+    first = _run("warm-1", **short)
+    second = _run("warm-2", **short, hyperparameters={"seed": 7})
     assert (first["base_model"]["load"]["reused"], second["base_model"]["load"]["reused"]) == (False, True)
+    assert len(loads) == 1  # the second job read no weights
     assert second["timings"]["load_s"] < 0.05 * first["timings"]["load_s"], (first["timings"], second["timings"])
 
     cache.clear("a cold worker")
-    cold = _run("cold-2", hyperparameters={"seed": 7})
+    cold = _run("cold-2", **short, hyperparameters={"seed": 7})
+    assert len(loads) == 2
     assert cold["base_model"]["load"]["reused"] is False
     _assert_same_adapter(_adapter(second), _adapter(cold))
     # the seed really matters here: the check above could not pass by training nothing
@@ -125,3 +137,20 @@ def test_a_base_that_came_back_changed_is_not_kept(tiny_llama, cache, merge):
             assert lease.reused
             assert not any("lora" in name for name, _ in lease.model.named_parameters())
             assert all(p.requires_grad for p in lease.model.parameters())  # as from_pretrained gives it
+
+
+def test_weights_replaced_in_place_or_other_load_settings_are_another_base(tiny_llama, cache, tmp_path):
+    from training.base_cache import base_key
+    from training.runtime import Runtime
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    fp32 = Runtime("cpu", "fp32", "none", False)
+    key = base_key(folder, None, "sha256:x", folder, fp32, False)
+    assert base_key(folder, None, "sha256:x", folder, fp32, False) == key
+    assert base_key(folder, "main", "sha256:x", folder, fp32, False) != key
+    assert base_key(folder, None, "sha256:x", folder, Runtime("cpu", "fp32", "none", True), False) != key
+    weights = next(folder.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # rewritten with the same size
+    assert base_key(folder, None, "sha256:x", folder, fp32, False) != key

@@ -173,7 +173,14 @@ class BaseLease:
     _snapshot: _Snapshot | None = field(default=None, repr=False)
 
     def hold(self, model) -> None:
-        """The base this job loaded, as loaded: remembered so it can be checked when it comes back."""
+        """The base this job loaded, as loaded: remembered so it can be checked when it comes back.
+
+        On a GPU, a base loaded onto the CPU (no device map) is moved to its GPU first, as the
+        Trainer would at its start: the snapshot is then of the base as it trains, and a kept base
+        stays on the GPU.
+        """
+        if self.key.runtime.device == "cuda" and not getattr(model, "hf_device_map", None):
+            model = model.to(f"cuda:{self.key.local_rank}")
         self.model = model
         self._snapshot = snapshot(model)
 
