@@ -239,7 +239,7 @@ ROUNDS = 3
 def main() -> None:
     global ROUNDS
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="the small model and data (under 10 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="the small model and data (9 min on 2 shared cores; longer under heavy load)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "run.json")
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
