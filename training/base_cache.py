@@ -90,8 +90,8 @@ def _checksum(model) -> str:
             flat = tensor.detach().reshape(-1)
             if flat.is_floating_point():
                 total = flat.sum(dtype=torch.float64).item()
-            else:  # quantized weights are packed integers
-                total = flat.to(torch.int64).sum().item() if flat.numel() else 0
+            else:  # quantized weights are packed integers; summed in the kernel, never copied to int64
+                total = flat.sum(dtype=torch.int64).item()
             stride = max(flat.numel() // SAMPLED_ELEMENTS, 1)
             sample = flat[::stride][:SAMPLED_ELEMENTS].cpu().contiguous()
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{total!r}:".encode())
