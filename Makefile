@@ -12,7 +12,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-gpu gpu-wheels lint venv clean-volume
+.PHONY: demo test test-gpu gpu-wheels lint bench venv clean-volume
 
 venv: $(VENV)/.installed
 
@@ -50,6 +50,12 @@ gpu-wheels: venv
 # The layering contracts alone (.importlinter); `make test` runs them too.
 lint: venv
 	bash scripts/lint_imports.sh
+
+# The worker against a padded Trainer + PEFT and TRL's defaults, side by side (bench/run.py;
+# BENCHMARKS.md). BENCH_ARGS=--quick: the small model, under 10 minutes on 2 cores.
+BENCH_ARGS ?=
+bench: venv
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean-volume:
 	rm -rf .volume

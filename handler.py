@@ -58,6 +58,14 @@ def get_settings() -> WorkerSettings:
         raise error(f"worker settings: {format_validation_error(exc)}", retryable=False) from None
 
 
+@lru_cache(maxsize=1)
+def get_base_cache():
+    """This worker's warm base model (training/base_cache.py): one per process, kept across its jobs."""
+    from training.base_cache import BaseModelCache
+
+    return BaseModelCache()
+
+
 def configure_logging(settings: WorkerSettings) -> None:
     """Once per process: a stderr handler unless one exists, the level, and a scrub filter on every
     handler. A job's own secrets reach the filters through ``errors.job_secrets`` while it runs."""
@@ -137,7 +145,8 @@ def _run(request: TrainingJob, settings: WorkerSettings, job: dict[str, Any],
     else:
         import pipeline
 
-        output = pipeline.run(request, settings, notify=_runpod_notify(job), cancel=cancel)
+        output = pipeline.run(request, settings, notify=_runpod_notify(job), cancel=cancel,
+                              base_cache=get_base_cache())
     logger.info("job %s: %s in %.1fs", request.job_id, output.get("status"),
                 output.get("timings", {}).get("total_s", 0.0))
     return output

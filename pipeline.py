@@ -14,7 +14,7 @@ import logging
 import shutil
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -49,6 +49,7 @@ from model_resolver import (
 from models.staging import plan_loading
 from storage.artifacts import StoredArtifact, open_artifact_store
 from storage.records import ArtifactRow, JobUpdate, Records, now_iso, open_records
+from training.base_cache import BaseLease, BaseModelCache, base_key
 
 logger = logging.getLogger(__name__)
 
@@ -131,12 +132,13 @@ def _innermost_frame(exc: BaseException) -> str:
 
 
 def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None,
-        cancel: threading.Event | None = None) -> dict[str, Any]:
+        cancel: threading.Event | None = None, base_cache: BaseModelCache | None = None) -> dict[str, Any]:
     """Run one validated job; return its output or raise WorkerError.
 
     Only ``train`` writes records: a ``validate`` or ``prefetch`` sent with a training job's id must
     not mark that job as done. ``cancel``, once set (a RunPod cancel), stops training at the next
-    step with a checkpoint; the job row then says ``cancelled``.
+    step with a checkpoint; the job row then says ``cancelled``. ``base_cache``: the worker's warm
+    base model (training/base_cache.py), used when ``WARM_MODEL_CACHE`` is on.
     """
     started = time.monotonic()
     job_id = job.job_id or "job"
@@ -149,7 +151,7 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
     tracker = Tracker(job_id, records, notify, settings.progress_interval_s)
     records.upsert_job(job_id, _started_row(job, settings))
     try:
-        stored, record_id = _train(job, settings, tracker, records, cancel)
+        stored, record_id = _train(job, settings, tracker, records, cancel, base_cache)
     except WorkerError as exc:
         _record_failure(records, job_id, exc, settings)
         raise
@@ -293,7 +295,8 @@ def _prefetch(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
 
 
 def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records: Records,
-           cancel: threading.Event | None = None) -> tuple[StoredArtifact, str]:
+           cancel: threading.Event | None = None,
+           base_cache: BaseModelCache | None = None) -> tuple[StoredArtifact, str]:
     """Train, store, record — each at most once per job_id; the stored artifact and its record id.
 
     A job delivered again goes on from the furthest finished step: a complete stored artifact is
@@ -312,7 +315,7 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
         logger.info("job %s: the trained adapter at %s is complete; storing it without training again",
                     job_id, job_dir)
     else:
-        _train_into(job, settings, tracker, job_dir, cancel)
+        _train_into(job, settings, tracker, job_dir, cancel, base_cache)
     for skipped in ("resolve_s", "dataset_s", "plan_s", "load_s", "train_s", "save_s"):
         tracker.timings.setdefault(skipped, 0.0)  # the output keeps its shape when a stage was not needed
 
@@ -353,7 +356,7 @@ def _complete_job_folder(job_dir: Path) -> bool:
 
 
 def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, job_dir: Path,
-                cancel: threading.Event | None = None) -> None:
+                cancel: threading.Event | None = None, base_cache: BaseModelCache | None = None) -> None:
     """Resolve, prepare, plan, train and save the job folder (adapter, report, manifests last)."""
     from train_lora import train_lora
     from training.request import TrainRequest
@@ -383,22 +386,39 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
             max_train_seconds=settings.max_train_seconds, distributed=distributed,
         )
         should_stop = cancel.is_set if cancel is not None else None
+        reused = False
         if distributed:  # several GPUs: one process each (training/launch.py)
             from training.launch import train_distributed
 
+            if base_cache is not None:  # the ranks load their own copies: never reused, and memory is theirs
+                base_cache.clear("a multi-process job needs every GPU's memory")
             result = train_distributed(request, prepared, processes=len(plan.device_bytes),
                                        on_progress=tracker.on_train_progress, should_stop=should_stop)
         else:
-            result = train_lora(request, prepared, tokenizer=tokenizer, on_progress=tracker.on_train_progress,
-                                should_stop=should_stop)
+            with _base_lease(base_cache, settings, resolved, request) as lease:
+                result = train_lora(request, prepared, tokenizer=tokenizer, on_progress=tracker.on_train_progress,
+                                    should_stop=should_stop, base=lease)
+            reused = lease is not None and lease.reused
     tracker.timings["load_s"] = round(tracker.timings.pop("stage_s") + result.load_seconds, 3)
     tracker.timings["train_s"] = round(result.train_seconds, 3)
 
     with tracker.stage("save", "save_s"):
         _write_job_folder(job, resolved, prepared.report.to_dict(), result, job_dir, runtime, load, plan,
-                          init=init)
+                          init=init, reused=reused)
     shutil.rmtree(settings.jobs_root / f".{job_id}.init-adapter", ignore_errors=True)
     result.model = None  # saved: free the weights before the upload
+
+
+def _base_lease(base_cache: BaseModelCache | None, settings: WorkerSettings, resolved: ResolvedModel,
+                request) -> AbstractContextManager[BaseLease | None]:
+    """The warm base for this job (training/base_cache.py), or nothing when the cache is off."""
+    if base_cache is None:
+        return nullcontext(None)
+    if not settings.warm_model_cache:
+        base_cache.clear("WARM_MODEL_CACHE is off")
+        return nullcontext(None)
+    return base_cache.lease(base_key(resolved.path, resolved.revision, resolved.fingerprint, request.model_path,
+                                     request.runtime, request.trust_remote_code, request.local_rank))
 
 
 def _artifact_record(stored: StoredArtifact) -> ArtifactRow:
@@ -442,7 +462,7 @@ def _train_output(job_id: str, stored: StoredArtifact, record_id: str, timings: 
 
 
 def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, result, job_dir: Path,
-                      runtime, load, plan, init: InitAdapter | None = None) -> AdapterManifest:
+                      runtime, load, plan, init: InitAdapter | None = None, reused: bool = False) -> AdapterManifest:
     """Model card, metrics, loss curve, then the manifests, last, into the job folder."""
     from training.report import write_training_report
 
@@ -450,7 +470,7 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
         raise TrainingError(f"training finished but no adapter weights were saved in {result.adapter_dir}")
     manifest = AdapterManifest(
         job_id=job.job_id or "",
-        base=BaseEntry(**resolved.to_output(), load=LoadEntry(**load.to_output())),
+        base=BaseEntry(**resolved.to_output(), load=LoadEntry(**load.to_output(), reused=reused)),
         lora=LoraEntry(peft_type="LORA", **result.lora.model_dump(), task_type="CAUSAL_LM"),
         hyperparameters=job.hyperparameters.model_dump(mode="json"),
         dataset=DatasetEntry(**report),

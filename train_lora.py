@@ -23,6 +23,7 @@ from trl import SFTTrainer
 from dataset_loader import PreparedDataset, load_tokenizer
 from errors import TrainingError, WorkerError
 from files import write_json_atomic
+from training.base_cache import BaseLease
 from training.callbacks import (
     ProgressCallback,
     StopControl,
@@ -55,21 +56,33 @@ logger = logging.getLogger(__name__)
 def train_lora(request: TrainRequest, data: PreparedDataset, *, tokenizer,
                on_progress: Callable[[ProgressEvent], None] | None = None,
                should_stop: Callable[[], bool] | None = None,
-               callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+               callbacks: list[TrainerCallback] | None = None, base: BaseLease | None = None) -> TrainResult:
     """Train a LoRA adapter and save it to ``output_dir/adapter``; return metrics and what was adapted.
 
     Checkpoints go to ``request.checkpoint_dir`` (complete ones marked, the newest
     ``save_total_limit`` kept); a run with the same settings and data resumes from the newest
     complete one. ``max_train_seconds`` and ``should_stop`` stop at the next step with a checkpoint
     and raise ``TrainingError`` / ``TrainingCancelled`` saying how far it got.
+
+    ``base``: a warm worker's lease (training/base_cache.py). Its model, when it holds one, is used
+    instead of loading; a base loaded here is handed to it; the adapter wrapped around the base is
+    named on it, so the lease can take the adapter out again however training ends.
     """
     hp = request.hyperparameters
     load_started = time.monotonic()
-    model = load_base_model(request.model_path, request.runtime, request.trust_remote_code,
-                            local_rank=request.local_rank)
+    if base is not None and base.model is not None:
+        model = base.model
+    else:
+        model = load_base_model(request.model_path, request.runtime, request.trust_remote_code,
+                                local_rank=request.local_rank)
+        if base is not None:
+            base.hold(model)
+            model = base.model
     load_seconds = time.monotonic() - load_started
     batching = plan_batching(hp, model.config)
     model, targets = apply_lora(model, request, batching)
+    if base is not None:
+        base.wrapped = model
     trainable = model.get_nb_trainable_parameters()[0]  # before the Trainer wraps (FSDP: shards) it
 
     signature = run_signature(hp, data, request.base_model_id, request.base_revision)

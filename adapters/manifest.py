@@ -29,13 +29,15 @@ class _Section(BaseModel):
 
 
 class LoadEntry(_Section):
-    """How the base's weights were read (staged to local disk or not)."""
+    """How the base's weights were read (staged to local disk or not), or that a warm worker kept them."""
 
     load_path: str | None = None
     staged: bool | None = None
     stage_reason: str | None = None
     stage_seconds: float | None = None
     staged_bytes: int | None = None
+    # True: a warm worker kept this base in memory from an earlier job and did not load it again
+    reused: bool | None = None
 
 
 class BaseEntry(_Section):

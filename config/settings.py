@@ -107,6 +107,8 @@ class WorkerSettings(BaseSettings):
     # --- job behaviour -------------------------------------------------------------------------
     gpu_hourly_usd: float | None = Field(default=None, ge=0)
     max_train_seconds: float | None = Field(default=None, gt=0)
+    # Keep the loaded base model in memory between jobs on a warm worker (training/base_cache.py).
+    warm_model_cache: bool = True
     progress_interval_s: float = Field(default=5.0, ge=0)
     max_dataset_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_inline_records: int = Field(default=10_000, gt=0)

@@ -1,0 +1,251 @@
+"""The warm worker's base model: kept in memory between jobs that train on the same base.
+
+A LoRA job never changes the base weights, so a warm worker that trains the same base again can
+skip loading it: after a job the adapter is taken out (peft ``unload``, never merged) and the bare
+base stays here. The next job with the same key (model folder, revision, fingerprint, the weight
+files' sizes and times, precision, quantization, device) wraps a fresh adapter around it; any other
+key frees it first, so a different base never shares memory with it.
+
+It can never leak one job into the next: when a job ends, however it ends, the adapter is removed,
+the trainable flags and training mode are put back as they were at load, and the base is checked —
+no peft module or attribute left, the same tensors (names, shapes, dtypes, devices, storage) and a
+checksum of a sample of them unchanged. Any doubt frees the base, and the next job loads it fresh.
+
+One cache per worker process (handler.py holds it); the multi-process path (ddp, fsdp) never uses it.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+SAMPLED_TENSORS = 32  # tensors checksummed whole, spread over the model (first, last, evenly between)
+SAMPLED_ELEMENTS = 4096  # elements of each sampled tensor hashed raw, beside its exact sum
+
+
+@dataclass(frozen=True)
+class BaseKey:
+    """What makes two loads of a base interchangeable."""
+
+    path: str
+    revision: str | None
+    fingerprint: str
+    load_path: str
+    files: tuple[tuple[str, int, int], ...]  # (name, bytes, mtime_ns) of every file of the load folder
+    runtime: Runtime
+    trust_remote_code: bool
+    local_rank: int = 0
+
+
+def base_key(path: Path, revision: str | None, fingerprint: str, load_path: Path, runtime: Runtime,
+             trust_remote_code: bool, local_rank: int = 0) -> BaseKey:
+    """The key of a base about to be loaded; the file stats catch weights replaced in place."""
+    folder = Path(load_path)
+    files = tuple(sorted((p.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns)
+                         for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+                         for st in (p.stat(),)))
+    return BaseKey(str(Path(path).resolve()), revision, fingerprint, str(folder.resolve()), files, runtime,
+                   trust_remote_code, local_rank)
+
+
+@dataclass
+class _Snapshot:
+    """The base as loaded: what every job must hand back unchanged."""
+
+    requires_grad: dict[str, bool]
+    layout: tuple  # (name, shape, dtype, device, storage pointer) of every parameter and buffer
+    checksum: str
+    training: bool
+    gradient_checkpointing: bool
+    input_grads_hook: bool
+    config: str
+
+
+def _tensors(model) -> list[tuple[str, Any]]:
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def _checksum(model) -> str:
+    """sha256 over a sample of tensors: each one's exact sum and a strided sample of its raw elements."""
+    import torch
+
+    tensors = _tensors(model)
+    count = len(tensors)
+    picks = sorted({round(i * (count - 1) / max(SAMPLED_TENSORS - 1, 1)) for i in range(SAMPLED_TENSORS)}
+                   ) if count else []
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for index in picks:
+            name, tensor = tensors[index]
+            flat = tensor.detach().reshape(-1)
+            if flat.is_floating_point():
+                total = flat.sum(dtype=torch.float64).item()
+            else:  # quantized weights are packed integers; summed in the kernel, never copied to int64
+                total = flat.sum(dtype=torch.int64).item()
+            stride = max(flat.numel() // SAMPLED_ELEMENTS, 1)
+            sample = flat[::stride][:SAMPLED_ELEMENTS].cpu().contiguous()
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{total!r}:".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return digest.hexdigest()
+
+
+def _layout(model) -> tuple:
+    return tuple((name, tuple(t.shape), str(t.dtype), str(t.device), t.data_ptr()) for name, t in _tensors(model))
+
+
+def snapshot(model) -> _Snapshot:
+    return _Snapshot(
+        requires_grad={name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)},
+        layout=_layout(model),
+        checksum=_checksum(model),
+        training=model.training,
+        gradient_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)),
+        input_grads_hook=hasattr(model, "_require_grads_hook"),
+        config=model.config.to_json_string(use_diff=False),
+    )
+
+
+def strip_adapter(model, wrapped):
+    """The bare base: ``wrapped`` (the PeftModel around ``model``) with its adapter taken out, unmerged."""
+    if wrapped is not None and wrapped is not model and hasattr(wrapped, "unload"):
+        model = wrapped.unload()  # removes the LoRA layers; the base weights are untouched (no merge)
+    for name in ("peft_config", "_hf_peft_config_loaded"):
+        if name in vars(model):
+            delattr(model, name)
+    return model
+
+
+def restore(model, was: _Snapshot) -> None:
+    """Put back what training changes on the base besides weights: flags, mode, checkpointing, hooks."""
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in was.requires_grad:
+            param.requires_grad_(was.requires_grad[name])
+    model.train(was.training)
+    if not was.gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    if not was.input_grads_hook and hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()
+    model.zero_grad(set_to_none=True)
+
+
+def problems(model, was: _Snapshot) -> list[str]:
+    """What differs from the base as loaded (empty: it is the same base); every check, cheapest first."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = []
+    leftovers = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if leftovers:
+        found.append(f"peft modules left: {', '.join(leftovers[:3])}")
+    if hasattr(model, "peft_config"):
+        found.append("a peft_config is still attached")
+    if _layout(model) != was.layout:
+        found.append("its tensors changed (names, shapes, dtypes, devices or storage)")
+    flags = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
+    if flags != was.requires_grad:
+        found.append("trainable flags differ from the loaded base")
+    if model.training != was.training:
+        found.append("training mode differs")
+    if model.config.to_json_string(use_diff=False) != was.config:
+        found.append("its config changed")
+    if not found and _checksum(model) != was.checksum:
+        found.append("the checksum of its sampled weights changed")
+    return found
+
+
+@dataclass
+class BaseLease:
+    """A base lent to one job: ``model`` is the cached base (``reused``) or None (load it and ``hold`` it)."""
+
+    key: BaseKey
+    model: Any = None
+    reused: bool = False
+    wrapped: Any = None  # the PeftModel training wraps around the base: its adapter is taken out at return
+    _snapshot: _Snapshot | None = field(default=None, repr=False)
+
+    def hold(self, model) -> None:
+        """The base this job loaded, as loaded: remembered so it can be checked when it comes back.
+
+        On a GPU, a base loaded onto the CPU (no device map) is moved to its GPU first, as the
+        Trainer would at its start: the snapshot is then of the base as it trains, and a kept base
+        stays on the GPU.
+        """
+        if self.key.runtime.device == "cuda" and not getattr(model, "hf_device_map", None):
+            model = model.to(f"cuda:{self.key.local_rank}")
+        self.model = model
+        self._snapshot = snapshot(model)
+
+
+class BaseModelCache:
+    """At most one base model, kept between jobs of one worker process."""
+
+    def __init__(self) -> None:
+        self._key: BaseKey | None = None
+        self._model = None
+        self._snapshot: _Snapshot | None = None
+
+    @property
+    def key(self) -> BaseKey | None:
+        return self._key
+
+    def clear(self, reason: str = "") -> None:
+        """Free the kept base (a different base is coming, memory is needed, or the cache is off)."""
+        if self._model is None:
+            return
+        logger.info("warm base %s freed%s", Path(self._key.path).name if self._key else "?",
+                    f": {reason}" if reason else "")
+        self._key = self._model = self._snapshot = None
+        _free_memory()
+
+    @contextmanager
+    def lease(self, key: BaseKey) -> Iterator[BaseLease]:
+        """Lend the base for ``key`` (kept, or None to load) to one job; take it back, checked, at the end."""
+        if self._model is not None and self._key == key:
+            lease = BaseLease(key, self._model, reused=True, _snapshot=self._snapshot)
+            logger.info("warm base %s reused: no load", Path(key.path).name)
+        else:
+            self.clear("a different base or load settings" if self._model is not None else "")
+            lease = BaseLease(key)
+        # lent: if this job dies half-way the base is not kept until it comes back clean
+        self._key = self._model = self._snapshot = None
+        try:
+            yield lease
+        finally:
+            self._take_back(lease)
+
+    def _take_back(self, lease: BaseLease) -> None:
+        if lease.model is None or lease._snapshot is None:
+            return
+        try:
+            model = strip_adapter(lease.model, lease.wrapped)
+            restore(model, lease._snapshot)
+            found = problems(model, lease._snapshot)
+        except Exception as exc:  # any doubt about the base means a fresh load next time
+            found = [f"{type(exc).__name__}: {exc}"]
+            model = None
+        lease.wrapped = None
+        if found:
+            logger.warning("warm base %s not kept (%s); the next job loads it fresh",
+                           Path(lease.key.path).name, "; ".join(found))
+            lease.model = None
+            _free_memory()
+            return
+        self._key, self._model, self._snapshot = lease.key, model, lease._snapshot
+        lease.model = None
+
+
+def _free_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
