@@ -44,6 +44,7 @@ from training.launch import (
     rank_failure,
 )
 from training.loading import load_base_model
+from training.memory_plan import measure_loaded
 from training.peft_setup import apply_lora
 from training.request import TrainRequest
 from training.result import LoraSettings, ProgressEvent, RankOutcome, TrainResult
@@ -68,6 +69,7 @@ def train_lora(request: TrainRequest, data: PreparedDataset, *, tokenizer,
     model = load_base_model(request.model_path, request.runtime, request.trust_remote_code,
                             local_rank=request.local_rank)
     load_seconds = time.monotonic() - load_started
+    measured = measure_loaded(model)  # before LoRA: the base's weights, to set against the memory plan
     batching = plan_batching(hp, model.config)
     model, targets = apply_lora(model, request, batching)
     trainable = model.get_nb_trainable_parameters()[0]  # before the Trainer wraps (FSDP: shards) it
@@ -114,6 +116,7 @@ def train_lora(request: TrainRequest, data: PreparedDataset, *, tokenizer,
         precision=request.runtime.precision,
         device=request.runtime.device,
         load_seconds=load_seconds,
+        measured_bytes=measured,
         train_seconds=train_seconds,
         model=model,
     )
