@@ -10,10 +10,9 @@ import transformers
 
 import handler
 from config.job import TrainingJob
-from errors import TrainingError
+from errors import InputError, TrainingError
 from models.safetensors import safetensors_headers
 from tests.conftest import small_job
-from errors import InputError
 from training.memory_plan import GiB, plan_memory, require_fit
 from training.moe_quant import nf4_bytes
 

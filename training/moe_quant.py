@@ -89,7 +89,10 @@ def _quantizer_class():
     from transformers.core_model_loading import ConversionOps
     from transformers.integrations.bitsandbytes import Bnb4bitQuantize
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-    from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
+    from transformers.quantizers.quantizers_utils import (
+        get_module_from_name,
+        should_convert_module,
+    )
 
     class ExpertAndLinear4bitQuantize(ConversionOps):
         """The loader's quantize step: experts become NF4 parametrizations here, Linear weights go on to bnb."""
