@@ -255,14 +255,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             document = json.loads(Path(args.input).read_text())
             payload = document.get("input", document) if isinstance(document, dict) else payload
         hp = TrainingJob.from_payload({**payload, "dataset": payload.get("dataset") or "plan-only.jsonl"})
-        from training.memory_plan import plan_memory
+        from training.memory_plan import meta_model, plan_memory
 
         folder = _config_folder(args.base)
-        plan = plan_memory(folder, hp.hyperparameters, cuda=True, devices=args.gpus)
+        model = meta_model(folder)  # built once, planned three ways
+        plan = plan_memory(folder, hp.hyperparameters, cuda=True, devices=args.gpus, model=model)
         options = {}  # 'auto' picks one; the user sees both verdicts
         for quantization in ("none", "4bit") if hp.hyperparameters.quantization == "auto" else ():
             other = plan_memory(folder, hp.hyperparameters.model_copy(update={"quantization": quantization}),
-                                cuda=True, devices=args.gpus)
+                                cuda=True, devices=args.gpus, model=model)
             options[quantization] = {"fits": other.fits, "strategy": other.strategy,
                                      "per_device_gib": round(other.per_device_bytes / 1024**3, 1)}
     except (OSError, ValueError, WorkerError) as exc:

@@ -126,3 +126,11 @@ def test_auto_targets_never_routers_and_drop_4bit_experts(model_factory):
 
     with pytest.raises(InputError, match="routed experts"):
         resolve_targets(model, ["q_proj", "experts.down_proj"], quantized_experts=True)
+
+
+def test_the_copy_of_peft_s_moe_remap_is_peft_s():
+    from peft.utils.transformers_weight_conversion import _MOE_TARGET_MODULE_MAPPING
+
+    from training.targets import PEFT_MOE_REMAPPED
+
+    assert {k: frozenset(v) for k, v in _MOE_TARGET_MODULE_MAPPING.items()} == PEFT_MOE_REMAPPED

@@ -68,6 +68,14 @@ def _linear_paths(model) -> dict[str, set[str]]:
     return out
 
 
+# peft 0.21.2's _MOE_TARGET_MODULE_MAPPING keys (utils/transformers_weight_conversion.py), copied so that
+# planning needs no peft import (it pulls in bitsandbytes: seconds); tests/test_moe_quant.py compares them.
+PEFT_MOE_REMAPPED = {
+    "mixtral": frozenset({"gate", "w1", "w2", "w3"}),
+    "qwen2_moe": frozenset({"gate", "gate_proj", "up_proj", "down_proj"}),
+}
+
+
 def peft_remapped_names(model) -> frozenset[str]:
     """Leaf names peft 0.21 rewrites onto the fused routed experts of this model ('gate_proj', …).
 
@@ -75,13 +83,11 @@ def peft_remapped_names(model) -> frozenset[str]:
     ``target_parameters``, for every model transformers converts like qwen2_moe (Qwen3-MoE,
     Qwen3-Next) or mixtral: a shared expert's ``gate_proj`` would silently become expert LoRA.
     """
-    try:
-        from peft.utils.transformers_weight_conversion import _MOE_TARGET_MODULE_MAPPING
-        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
-    except ImportError:  # another peft/transformers: nothing is remapped that we know of
-        return frozenset()
+    # already loaded with the model's classes: no import cost here
+    from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
+
     pattern = _MODEL_TO_CONVERSION_PATTERN.get(getattr(model.config, "model_type", None))
-    return frozenset(_MOE_TARGET_MODULE_MAPPING.get(pattern, {}))
+    return PEFT_MOE_REMAPPED.get(pattern, frozenset())
 
 
 def _qualified(leaf: str, paths: dict[str, set[str]], remapped: frozenset[str]) -> list[str]:
