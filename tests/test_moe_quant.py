@@ -134,3 +134,19 @@ def test_the_copy_of_peft_s_moe_remap_is_peft_s():
     from training.targets import PEFT_MOE_REMAPPED
 
     assert {k: frozenset(v) for k, v in _MOE_TARGET_MODULE_MAPPING.items()} == PEFT_MOE_REMAPPED
+
+
+@pytest.mark.gpu
+def test_a_real_shape_twin_loads_and_trains_on_a_gpu_as_planned(tmp_path):
+    """bench/moe_shape_twin.py's GPU part: one 80B-shaped layer with all 512 experts, 4-bit, 3 steps."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bench.moe_shape_twin import build_twin, measure
+
+    folder = build_twin(tmp_path / "twin", layers=1, experts=512)
+    result = measure(folder, "cuda", steps=3)
+    measured = result["measured"]
+    assert measured["unquantized_expert_tensors"] == 0 and measured["within_tolerance"], measured
+    assert measured["groups"]["routed_experts"]["ratio"] == pytest.approx(1.0, abs=0.01)
+    assert result["cuda_max_allocated_after_load_gib"] < 8  # one layer: ~0.8 GiB experts + 1.2 GiB embeddings
+    assert result["tokens_per_second"] > 0
