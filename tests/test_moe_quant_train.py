@@ -86,7 +86,10 @@ def test_4bit_moe_trains_with_quantized_experts_measured_as_planned(family, moe_
             assert torch.equal(state[target].float(), f.get_tensor(key).float())
 
 
-def test_expert_lora_on_4bit_experts_is_refused_before_loading(moe_volume):
+def test_expert_lora_on_4bit_experts_is_refused_before_loading(moe_volume, monkeypatch):
+    import train_lora
+
+    monkeypatch.setattr(train_lora, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
     name = moe_volume("qwen3_next")
     output = _run(name, "q4-expert-lora", target_modules=["q_proj", "mlp.experts.gate_up_proj"])
     assert "error" in output
