@@ -36,10 +36,13 @@ def _run(name: str, job_id: str, **hyperparameters):
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "qwen3_moe"])
-def test_4bit_moe_trains_with_quantized_experts_measured_as_planned(family, moe_volume, volume):
+def test_4bit_moe_trains_with_quantized_experts_measured_as_planned(family, moe_volume, volume, capsys):
+    import json
+
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    import cli
     from training.peft_setup import targets_as_written
 
     name = moe_volume(family)
@@ -73,6 +76,12 @@ def test_4bit_moe_trains_with_quantized_experts_measured_as_planned(family, moe_
     assert not any(".experts." in k for k in keys)
     if family == "qwen3_next":
         assert any("shared_expert.gate_proj.lora_A" in k for k in keys)
+
+    # trained on the 4-bit base, it fits the unquantized one: verify says so, the manifest says how
+    capsys.readouterr()
+    assert cli.main(["verify", "--adapter", str(adapter), "--base", str(volume / "models" / name), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "compatible"
+    assert json.loads((adapter / "manifest.json").read_text())["runtime"]["quantization"] == "4bit"
 
     base = AutoModelForCausalLM.from_pretrained(volume / "models" / name, dtype=torch.float32)
     with targets_as_written():
