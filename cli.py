@@ -7,6 +7,7 @@
     python cli.py verify --adapter DIR_OR_URI --base DIR_OR_ID [--strict] [--json]
     python cli.py apply --adapter DIR_OR_URI --base DIR_OR_ID --prompt "..."
     python cli.py merge --adapter DIR_OR_URI --base DIR_OR_ID --out DIR
+    python cli.py plan --base DIR_OR_ID --gpus 1x80 [--input job.json]  # memory plan from config.json only
 
 Each prints JSON on stdout (verify prints its verdict in words unless --json; apply prints the text).
 Exit codes: 0 ok, 1 the job failed, 2 bad usage or input, 3 the adapter does not fit the base (verify,
@@ -202,6 +203,80 @@ def _pair_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse (exit 3) an adapter trained on other weights of the same architecture")
 
 
+def _gpus(text: str) -> list[int]:
+    """'1x80' → one GPU of 80 GiB; '4x80', '1x141'."""
+    count, sep, size = text.lower().partition("x")
+    try:
+        n, gib = int(count), float(size)
+    except ValueError:
+        n, gib = 0, 0
+    if not sep or n < 1 or gib <= 0:
+        raise argparse.ArgumentTypeError(f"--gpus must be COUNTxGiB, e.g. 1x80 or 4x80; got {text!r}")
+    return [int(gib * 1024**3)] * n
+
+
+def _config_folder(base: str) -> Path:
+    """A folder with the model's config.json: the folder given, or config.json alone from the Hub."""
+    folder = Path(base).expanduser()
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(base, "config.json")).parent
+
+
+def plan_in_words(plan) -> str:
+    gib = 1024**3
+    where = f"{len(plan.device_bytes)} GPU(s) of {min(plan.device_bytes) / gib:.0f} GiB"
+    lines = [f"{'FITS' if plan.fits else 'DOES NOT FIT'} on {where}: {plan.summary()}",
+             "per device, by group (weights):"]
+    for name, group in plan.groups.items():
+        if group.parameters:
+            note = " (4-bit)" if group.quantized_parameters == group.parameters else (
+                " (partly 4-bit)" if group.quantized_parameters else "")
+            lines.append(f"  {name:18} {group.parameters / 1e9:8.3f} B params  {group.bytes / gib:8.2f} GiB{note}")
+    lines += [f"  {'lora+optimizer':18} {plan.lora_bytes / gib:28.2f} GiB",
+              f"  {'activations':18} {plan.activation_bytes / gib:28.2f} GiB",
+              f"  {'expert dequant':18} {plan.expert_dequant_bytes / gib:28.2f} GiB"]
+    if plan.alternatives:
+        lines.append("what would fit: " + "; ".join(plan.alternatives))
+    if plan.expert_lora:
+        lines.append(plan.expert_lora)
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from config.job import TrainingJob
+    from errors import WorkerError
+
+    try:
+        payload: dict[str, Any] = {"dataset": "plan-only.jsonl"}
+        if args.input:
+            document = json.loads(Path(args.input).read_text())
+            payload = document.get("input", document) if isinstance(document, dict) else payload
+        hp = TrainingJob.from_payload({**payload, "dataset": payload.get("dataset") or "plan-only.jsonl"})
+        from training.memory_plan import meta_model, plan_memory
+
+        folder = _config_folder(args.base)
+        model = meta_model(folder)  # built once, planned three ways
+        plan = plan_memory(folder, hp.hyperparameters, cuda=True, devices=args.gpus, model=model)
+        options = {}  # 'auto' picks one; the user sees both verdicts
+        for quantization in ("none", "4bit") if hp.hyperparameters.quantization == "auto" else ():
+            other = plan_memory(folder, hp.hyperparameters.model_copy(update={"quantization": quantization}),
+                                cuda=True, devices=args.gpus, model=model)
+            options[quantization] = {"fits": other.fits, "strategy": other.strategy,
+                                     "per_device_gib": round(other.per_device_bytes / 1024**3, 1)}
+    except (OSError, ValueError, WorkerError) as exc:
+        print(f"cannot plan {args.base}: {exc}", file=sys.stderr)
+        return 2
+    _print({**plan.to_dict(), **({"options": options} if options else {})})
+    for quantization, option in options.items():
+        name = "16-bit (quantization 'none')" if quantization == "none" else "4-bit (quantization '4bit')"
+        print(f"{name}: {option['per_device_gib']} GiB per GPU, {'fits' if option['fits'] else 'does not fit'}")
+    print(plan_in_words(plan))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     _pair_arguments(p)
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("plan", help="will a job fit these GPUs? (from config.json alone; no weights)")
+    p.add_argument("--base", required=True, help="a model folder, or a Hub repo id (only config.json is fetched)")
+    p.add_argument("--gpus", required=True, type=_gpus, help="COUNTxGiB, e.g. 1x80 (one 80 GiB GPU)")
+    p.add_argument("--input", help="a job input JSON file (its hyperparameters are planned; default: defaults)")
+    p.set_defaults(func=cmd_plan)
 
     for name, text in (("apply", "verify, then generate with base + adapter"),
                        ("merge", "verify, then merge the adapter into a standalone model")):

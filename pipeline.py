@@ -461,6 +461,15 @@ def _train_output(job_id: str, stored: StoredArtifact, record_id: str, timings: 
     return output
 
 
+def _plan_with_measurement(plan, result) -> dict[str, Any]:
+    """The plan, with what the loaded model really held beside it (``measured``; a >10% gap is logged)."""
+    from training.memory_plan import compare_measured
+
+    if result.measured_bytes is not None:
+        plan.measured = compare_measured(plan, result.measured_bytes, log=logger)
+    return plan.to_dict()
+
+
 def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, result, job_dir: Path,
                       runtime, load, plan, init: InitAdapter | None = None, reused: bool = False) -> AdapterManifest:
     """Model card, metrics, loss curve, then the manifests, last, into the job folder."""
@@ -478,7 +487,7 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
         versions=Versions(**library_versions()),
         manifest_version=MANIFEST_VERSION,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        memory_plan=plan.to_dict(),
+        memory_plan=_plan_with_measurement(plan, result),
         runtime=RuntimeEntry(device=runtime.device, precision=runtime.precision,
                              quantization=runtime.quantization),
         # what this adapter continued from; absent (not null) when it started fresh

@@ -45,6 +45,7 @@ from training.launch import (
     rank_failure,
 )
 from training.loading import load_base_model
+from training.memory_plan import measure_loaded
 from training.peft_setup import apply_lora
 from training.request import TrainRequest
 from training.result import LoraSettings, ProgressEvent, RankOutcome, TrainResult
@@ -79,6 +80,7 @@ def train_lora(request: TrainRequest, data: PreparedDataset, *, tokenizer,
             base.hold(model)
             model = base.model
     load_seconds = time.monotonic() - load_started
+    measured = measure_loaded(model)  # before LoRA: the base's weights, to set against the memory plan
     batching = plan_batching(hp, model.config)
     model, targets = apply_lora(model, request, batching)
     if base is not None:
@@ -127,6 +129,7 @@ def train_lora(request: TrainRequest, data: PreparedDataset, *, tokenizer,
         precision=request.runtime.precision,
         device=request.runtime.device,
         load_seconds=load_seconds,
+        measured_bytes=measured,
         train_seconds=train_seconds,
         model=model,
     )

@@ -35,7 +35,10 @@ def load_adapted(adapter_dir: Path, base_dir: Path, *, device: str = "auto", dty
     # On a GPU, accelerate places the weights as they load (a 7B model never sits twice in memory).
     placement = {"device_map": "auto"} if device == "cuda" else {}
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch_dtype, **placement)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    from training.peft_setup import targets_as_written
+
+    with targets_as_written():  # shared-expert layers named by path stay themselves (peft would remap them)
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
     if not placement:
         model = model.to(device)
     return model.eval(), tokenizer

@@ -187,15 +187,17 @@ class Hyperparameters(StrictModel):
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
         default="auto",
         description="Which layers get adapters. 'auto': every linear projection except lm_head, "
-                    "embeddings and MoE routers, plus the fused routed-expert weights of MoE models; "
-                    "'all-linear': the linear layers only; or a list of leaf names (q_proj, "
-                    "gate_up_proj, mlp.experts.down_proj).")
+                    "embeddings and MoE routers, plus the fused routed-expert weights of MoE models (not "
+                    "when they are 4-bit); 'all-linear': the linear layers only; or a list of leaf "
+                    "names or paths (q_proj, mlp.shared_expert.gate_proj, gate_up_proj, "
+                    "mlp.experts.down_proj).")
 
     quantization: Literal["auto", "none", "8bit", "4bit"] = Field(
         default="auto",
         description="How the frozen base is held: 'auto' is the memory plan's pick (none if the model "
                     "fits in 16 bits, else 4bit; none on a CPU); 4bit (QLoRA: NF4, double "
-                    "quantization, bf16 compute) and 8bit need a CUDA GPU.")
+                    "quantization, bf16 compute; a mixture-of-experts model's routed experts too, "
+                    "frozen) runs where bitsandbytes does, a CPU included; 8bit needs a CUDA GPU.")
     gradient_checkpointing: Literal["auto"] | bool = Field(
         default="auto",
         description="Recompute activations in the backward pass: less memory, about a third more "

@@ -21,7 +21,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_next")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_next", "qwen3_moe")
 
 _BASE_CORPUS = """\
 The quick brown fox jumps over the lazy dog. A model learns what its data shows it.
@@ -92,6 +92,11 @@ def tiny_config(family: str, vocab_size: int, *, hidden_size: int = 64, layers: 
             shared_expert_intermediate_size=hidden_size // 2,
             layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"]
             * (layers // 4),
+        )
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common, head_dim=hidden_size // 4, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=hidden_size // 2, decoder_sparse_step=1, mlp_only_layers=[],
         )
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
 

@@ -226,12 +226,15 @@ def assert_adapter_reloads_identically(model, model_dir: Path, adapter_dir: Path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from training.peft_setup import targets_as_written
+
     ids = tokenizer("The capital of Peru is Lima.", return_tensors="pt")
     model.eval()
     with torch.no_grad():
         trained = model(**ids).logits
-        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
-                                             str(adapter_dir)).eval()(**ids).logits
+        with targets_as_written():  # the worker's adapters name shared-expert layers by path
+            reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
+                                                 str(adapter_dir)).eval()(**ids).logits
         plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()(**ids).logits
     torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(plain, trained, atol=1e-3), "the adapter changed nothing"

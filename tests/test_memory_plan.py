@@ -10,10 +10,11 @@ import transformers
 
 import handler
 from config.job import TrainingJob
-from errors import TrainingError
+from errors import InputError, TrainingError
 from models.safetensors import safetensors_headers
 from tests.conftest import small_job
 from training.memory_plan import GiB, plan_memory, require_fit
+from training.moe_quant import nf4_bytes
 
 # Qwen/Qwen3-Next-80B-A3B-Instruct's config.json, the fields that set its size.
 QWEN3_NEXT_80B = dict(
@@ -51,15 +52,24 @@ def test_qwen3_next_80b_weights_by_group_as_bitsandbytes_stores_them(qwen3_next_
     assert bf16.weight_bytes / GiB == pytest.approx(148.4, abs=0.5)
 
     q4 = plan_memory(qwen3_next_80b, hp(quantization="4bit"), cuda=True, devices=h100)
-    # Only Linear layers become 4-bit: the fused routed experts stay bf16, so it barely shrinks.
-    assert q4.groups["routed_experts"].quantized_parameters == 0
-    assert q4.groups["routed_experts"].bytes == bf16.groups["routed_experts"].bytes
+    # 4-bit quantizes the fused routed experts too (while loading), at bitsandbytes' NF4 bytes.
+    experts = q4.groups["routed_experts"]
+    assert q4.quantized_experts and experts.quantized_parameters == experts.parameters
+    assert experts.bytes == sum(nf4_bytes(n) for n in (512 * 1024 * 2048, 512 * 2048 * 512)) * 48
+    assert experts.bytes / GiB == pytest.approx(37.14, abs=0.01)
     attention = q4.groups["attention"]  # all but the q/k norms
     assert 0.999 < attention.quantized_parameters / attention.parameters < 1
-    assert 144 < q4.weight_bytes / GiB < 147
-    assert 37 <= q4.weight_bytes_if_all_4bit / GiB < 39  # what every weight in 4-bit would take
-    assert "fused routed experts that bitsandbytes does not quantize" in q4.summary()
-    assert q4.lora_bytes == q4.lora_parameters * 8  # TRL's bf16 QLoRA adapter
+    # what stays unquantized is fp32 after peft's k-bit preparation: embeddings and lm_head 0.62 B × 4
+    assert q4.groups["embeddings"].bytes == q4.groups["embeddings"].parameters * 4
+    assert 40 < q4.weight_bytes / GiB < 41
+    assert q4.fits and q4.strategy == "single"
+    assert "routed experts 37.1 GiB in 4-bit" in q4.summary()
+    # no LoRA on 4-bit experts: 'auto' adapts the rest, in TRL's bf16 QLoRA adapter
+    assert q4.expert_lora_parameters == 0 and q4.lora_bytes == q4.lora_parameters * 8
+    assert q4.lora_parameters < 0.05e9
+    # one MoE layer's experts dequantized twice over (forward recompute and backward), in bf16
+    assert q4.expert_dequant_bytes == 2 * 512 * 2048 * 1536 * 2
+    assert "needs them in 16 bits" in q4.expert_lora and "4 GPUs of 80 GiB with FSDP" in q4.expert_lora
 
     # LoRA r=16 on every expert: 512 experts × 48 layers of rank-16 blocks, with AdamW state.
     assert bf16.lora_parameters / 1e9 == pytest.approx(2.24, abs=0.01)
@@ -68,7 +78,7 @@ def test_qwen3_next_80b_weights_by_group_as_bitsandbytes_stores_them(qwen3_next_
 
 
 def test_a_job_that_cannot_fit_fails_with_figures_and_what_would(qwen3_next_80b):
-    plan = plan_memory(qwen3_next_80b, hp(), cuda=True, devices=[80 * GiB])
+    plan = plan_memory(qwen3_next_80b, hp(quantization="none"), cuda=True, devices=[80 * GiB])
     assert not plan.fits and plan.quantization == "none"
     with pytest.raises(TrainingError) as info:
         require_fit(plan)
@@ -76,6 +86,10 @@ def test_a_job_that_cannot_fit_fails_with_figures_and_what_would(qwen3_next_80b)
     assert message.startswith("this job does not fit on 1 GPU(s) of 80 GiB: qwen3_next needs about ")
     assert "weights 148.4 GiB" in message and "what would fit: " in message
     assert "GPUs of 80 GiB with FSDP in bf16" in message
+    assert "quantization '4bit' with the routed experts in 4-bit and frozen" in message
+
+    auto = plan_memory(qwen3_next_80b, hp(), cuda=True, devices=[80 * GiB])
+    assert auto.fits and auto.quantization == "4bit"  # auto: 16 bits does not fit one 80 GiB GPU, 4-bit does
 
     four = plan_memory(qwen3_next_80b, hp(), cuda=True, devices=[80 * GiB] * 4)
     assert four.fits and four.strategy == "fsdp" and four.quantization == "none"
@@ -83,18 +97,14 @@ def test_a_job_that_cannot_fit_fails_with_figures_and_what_would(qwen3_next_80b)
 
 
 def test_auto_quantization_picks_none_if_it_fits_else_4bit_else_reports(model_factory):
-    from training.memory_plan import _quantized_bytes
-
-    dense = model_factory("llama")
+    # wide enough that 4-bit layers outweigh the fp32 embeddings peft's k-bit preparation leaves
+    dense = model_factory("llama", hidden_size=256)
     roomy = plan_memory(dense, hp(), cuda=True, devices=[80 * GiB])
     assert roomy.fits and roomy.quantization == "none" and roomy.strategy == "single"
     # A GPU just too small for 16-bit weights but big enough for 4-bit ones.
-    need_bf16 = roomy.per_device_bytes
-    tight = roomy.per_device_bytes - roomy.weight_bytes + sum(
-        _quantized_bytes(g.parameters, 1, "4bit") for g in roomy.groups.values()) + 200_000
-    small = int(max(tight, need_bf16 - 100_000) / 0.92)
-    if small * 0.92 >= need_bf16:
-        pytest.skip("tiny model: 4-bit saves too little to separate the cases")
+    need_4bit = plan_memory(dense, hp(quantization="4bit"), cuda=True, devices=[80 * GiB]).per_device_bytes
+    assert need_4bit < roomy.per_device_bytes
+    small = int((need_4bit + roomy.per_device_bytes) / 2 / 0.92)
     plan = plan_memory(dense, hp(), cuda=True, devices=[small])
     assert plan.fits and plan.quantization == "4bit"
     assert plan_memory(dense, hp(), cuda=False, devices=[64 * GiB]).quantization == "none"  # never on CPU
@@ -125,3 +135,13 @@ def test_the_plan_is_in_the_output_and_a_too_big_job_fails_in_seconds(volume, mo
     assert failed["error"].startswith("train: this job does not fit on 0 GiB of RAM (no GPU): ")
     assert time.monotonic() - started < 30
     assert json.dumps(failed).count("GiB") >= 3
+
+
+def test_expert_lora_is_refused_under_4bit_and_keeps_auto_in_16_bits(qwen3_next_80b):
+    experts = ["q_proj", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    with pytest.raises(InputError) as info:
+        plan_memory(qwen3_next_80b, hp(quantization="4bit", target_modules=experts), cuda=True,
+                    devices=[80 * GiB])
+    assert "routed experts" in str(info.value) and "quantization 'none'" in str(info.value)
+    plan = plan_memory(qwen3_next_80b, hp(target_modules=experts), cuda=True, devices=[80 * GiB] * 4)
+    assert plan.quantization == "none" and plan.expert_lora_parameters > 2e9

@@ -98,7 +98,7 @@ def test_explicit_targets_that_match_nothing_list_what_exists(tiny_llama):
 def test_quantization_without_cuda_is_an_input_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    hp = TrainingJob.from_payload(small_job(hyperparameters={"quantization": "4bit"})).hyperparameters
+    hp = TrainingJob.from_payload(small_job(hyperparameters={"quantization": "8bit"})).hyperparameters
     with pytest.raises(InputError, match="needs a CUDA GPU"):
         plan_runtime(hp)
     runtime = plan_runtime(TrainingJob.from_payload(small_job()).hyperparameters)

@@ -82,9 +82,11 @@ def test_qwen3_next_adapter_covers_attention_linear_attention_and_experts_not_ro
     assert touched("self_attn.q_proj.lora_A") and touched("self_attn.o_proj.lora_B")
     assert touched("linear_attn.in_proj_qkvz.lora_A") and touched("linear_attn.out_proj.lora_B")
     assert touched("mlp.experts.lora_A") and touched("mlp.experts.base_layer.lora_A"), keys
-    # peft 0.21 maps 'gate_proj'/'up_proj'/'down_proj' onto the fused experts for this layout, so the
-    # shared expert's Linear layers of those names are not adapted (see train_lora); say so exactly.
-    assert not touched("shared_expert.")
+    # peft 0.21 would map 'gate_proj'/'up_proj'/'down_proj' onto the fused experts for this layout: the
+    # shared expert's Linear layers are named by path and kept from that remap (training/peft_setup.py).
+    assert touched("mlp.shared_expert.gate_proj.lora_A") and touched("mlp.shared_expert.down_proj.lora_B")
+    assert {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+            "mlp.shared_expert.down_proj"} <= set(result.target_modules)
     assert not {"gate_proj", "up_proj", "down_proj"} & set(result.target_modules)
     assert not touched("mlp.gate.") and not touched("shared_expert_gate"), "a router was adapted"
     assert not touched("lm_head") and not touched("embed_tokens")

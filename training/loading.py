@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from errors import ModelError
+from training.moe_quant import (
+    expert_quantizing_loader,
+    quantized_expert_parameters,
+    unquantized_expert_parameters,
+)
 from training.runtime import Runtime
+
+logger = logging.getLogger(__name__)
 
 
 def quiet_progress_bars() -> None:
@@ -49,9 +57,15 @@ def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool 
         # bitsandbytes quantizes while placing: the whole model on this process's device.
         kwargs["device_map"] = {"": local_rank if runtime.device == "cuda" else "cpu"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+        if runtime.quantization == "4bit":
+            with expert_quantizing_loader():  # the routed experts too, as each one loads
+                model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load the base model from {model_path}: {exc}") from exc
+    if runtime.quantization == "4bit":
+        require_quantized_experts(model)
     if runtime.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -61,3 +75,17 @@ def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool 
     model.config.use_cache = False  # caches are for generation; they waste memory in training
     return model
 
+
+
+def require_quantized_experts(model) -> None:
+    """A 4-bit load that left a routed expert in 16 bits would not fit where it was planned: fail naming it."""
+    left = unquantized_expert_parameters(model)
+    if left:
+        shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+        raise ModelError(
+            f"quantization '4bit' left {len(left)} routed-expert tensor(s) in full precision: {shown}. "
+            "The loader did not hand them to the 4-bit quantizer (a transformers version other than the "
+            "pinned one?); use the pinned transformers, or quantization 'none' on larger GPUs")
+    quantized = quantized_expert_parameters(model)
+    if quantized:
+        logger.info("routed experts in 4-bit: %d fused tensors quantized while loading", len(quantized))

@@ -4,12 +4,15 @@ From the model folder's ``config.json`` (the model is built on the meta device: 
 shapes parameters really have in memory, no storage) and its safetensors headers (dtype and shape of
 every stored tensor, read from the first bytes of each file), counted per parameter group:
 
-- weights under the chosen quantization, counting what bitsandbytes really quantizes: only
-  ``nn.Linear`` weights (never ``lm_head``). transformers 5 fuses a mixture-of-experts layer's routed
-  experts into 3-D parameters, which bitsandbytes leaves in the compute dtype: for
-  Qwen3-Next-80B-A3B that is 97% of the weights, so "4-bit" barely shrinks it;
+- weights under the chosen quantization, counting what is really quantized: ``nn.Linear`` weights
+  (never ``lm_head``) through bitsandbytes, and under 4-bit also the fused 3-D routed experts of a
+  mixture-of-experts model (training/moe_quant.py quantizes them while loading: for
+  Qwen3-Next-80B-A3B 97% of the weights), each at bitsandbytes' exact NF4 bytes with its
+  quantization state; what stays unquantized is fp32 then (peft's k-bit preparation upcasts it);
 - LoRA parameters with their gradients and AdamW state (fp32: 16 bytes a parameter; bf16 under
-  QLoRA, where TRL casts the adapter to bf16: 8 bytes);
+  QLoRA, where TRL casts the adapter to bf16: 8 bytes); never on 4-bit experts (refused);
+- 4-bit experts are dequantized one layer at a time for the forward and backward pass: two
+  layers' worth in 16 bits with gradient checkpointing, every layer's without;
 - activations for one micro-batch (batch_size × max_seq_length), with and without gradient
   checkpointing, and the logits;
 - a fixed CUDA context and allocator margin;
@@ -31,13 +34,14 @@ from typing import Any
 
 from errors import ModelError, TrainingError
 from models.safetensors import SAFETENSORS_BYTES, safetensors_headers
+from training.moe_quant import EXPERT_PARAMETER_NAMES, nf4_bytes
 from training.runtime import (
     choose_checkpointing,
     choose_precision,
     choose_quantization,
     this_machine,
 )
-from training.targets import resolve_targets
+from training.targets import _generic_name, refuse_expert_lora_on_4bit, resolve_targets
 
 GiB = 1024**3
 LORA_BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 moments
@@ -86,9 +90,12 @@ class MemoryPlan:
     stored_bytes: int  # the safetensors files (0 when only a config was given)
     groups: dict[str, Group]
     weight_bytes: int
-    # For comparison: every weight, experts included, in 4-bit (what bitsandbytes does not offer).
+    # For comparison: every weight, experts included, in 4-bit.
     weight_bytes_if_all_4bit: int
+    quantized_experts: bool  # the routed experts are 4-bit (loaded by training/moe_quant.py)
+    expert_dequant_bytes: int  # 4-bit experts dequantized for forward and backward
     lora_parameters: int
+    expert_lora_parameters: int  # of lora_parameters: on the routed experts
     lora_bytes: int
     activation_bytes: int
     activation_bytes_without_checkpointing: int
@@ -99,25 +106,29 @@ class MemoryPlan:
     available_bytes: int
     fits: bool
     alternatives: list[str] = field(default_factory=list)
+    expert_lora: str = ""  # what LoRA on the routed experts needs, in words ("" without routed experts)
+    # After loading: what the model really holds against this plan (training/measured.py).
+    measured: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["gib"] = {k: round(getattr(self, k) / GiB, 2) for k in (
-            "weight_bytes", "lora_bytes", "activation_bytes", "overhead_bytes", "per_device_bytes",
-            "available_bytes")}
+            "weight_bytes", "lora_bytes", "activation_bytes", "expert_dequant_bytes", "overhead_bytes",
+            "per_device_bytes", "available_bytes")}
+        out["groups_gib"] = {name: round(g.bytes / GiB, 3) for name, g in self.groups.items() if g.parameters}
         return out
 
     def summary(self) -> str:
         experts = self.groups.get("routed_experts")
         expert_note = ""
-        if experts and experts.parameters and self.quantization != "none":
-            expert_note = (f", of which {experts.bytes / GiB:.1f} GiB are fused routed experts that "
-                           "bitsandbytes does not quantize")
+        if experts and experts.parameters:
+            how = "in 4-bit" if self.quantized_experts else f"in {'16 bits' if self.precision != 'fp32' else 'fp32'}"
+            expert_note = f", of which routed experts {experts.bytes / GiB:.1f} GiB {how}"
         per = "per GPU" if self.device == "cuda" else "of RAM"
         return (f"{self.model_type} needs about {self.per_device_bytes / GiB:.1f} GiB {per} "
                 f"({self.strategy}, {self.quantization}): weights {self.weight_bytes / GiB:.1f} GiB"
                 f"{expert_note}, LoRA with optimizer state {self.lora_bytes / GiB:.1f} GiB, activations "
-                f"{self.activation_bytes / GiB:.1f} GiB, overhead {self.overhead_bytes / GiB:.1f} GiB; "
+                f"{self.activation_bytes / GiB:.1f} GiB, expert dequantization {self.expert_dequant_bytes / GiB:.1f} GiB, overhead {self.overhead_bytes / GiB:.1f} GiB; "
                 f"{self.available_bytes / GiB:.1f} GiB usable")
 
 
@@ -158,9 +169,7 @@ def group_of(name: str) -> str:
 
 def _quantized_bytes(numel: int, rows: int, quantization: str) -> int:
     if quantization == "4bit":
-        # NF4: two weights a byte; double quantization: one uint8 absmax per 64 weights and one
-        # fp32 absmax per 256 of those.
-        return math.ceil(numel / 2) + math.ceil(numel / 64) + 4 * math.ceil(numel / (64 * 256))
+        return nf4_bytes(numel, double_quant=True)  # NF4 with double quantization (training/loading.py)
     if quantization == "8bit":
         return numel + 4 * rows  # int8 weights and one fp32 scale per output row
     raise ValueError(quantization)
@@ -175,9 +184,12 @@ class _Shape:
     """What the plan needs from the model, measured once and reused for every alternative."""
 
     model_type: str
-    parameters: list[tuple[str, int, int, bool]]  # name, numel, rows, quantizable
-    lora_parameters: int
-    expert_lora_parameters: int
+    parameters: list[tuple[str, int, int, str]]  # name, numel, rows, kind: linear | expert | ""
+    lora_parameters: int  # on Linear layers
+    expert_lora_parameters: int  # on the fused routed experts
+    expert_targets: list[str]  # the routed-expert parameters the request adapts
+    explicit_expert_targets: bool  # named in target_modules (not just implied by 'auto')
+    expert_layer_elements: list[int]  # fused routed-expert elements per MoE layer
     per_token_layer_elements: list[int]  # activation elements saved per token, per decoder layer
     hidden_size: int
     vocab_size: int
@@ -188,22 +200,28 @@ def _measure(model, lora_r: int, target_modules, stored_bytes: int) -> _Shape:
     import torch.nn as nn
 
     linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    expert_weights = {f"{name}.{p}" for name, module in model.named_modules()
+                      if type(module).__name__.endswith("Experts") for p in EXPERT_PARAMETER_NAMES}
     params = []
+    expert_layers: dict[str, int] = {}
     for name, param in model.named_parameters():
-        quantizable = name in linear_weights and not name.startswith("lm_head")
+        kind = "linear" if name in linear_weights and not name.startswith("lm_head") else ""
+        if name in expert_weights and param.ndim == 3:
+            kind = "expert"
+            layer = name.rsplit(".", 2)[0]
+            expert_layers[layer] = expert_layers.get(layer, 0) + param.numel()
         rows = param.shape[0] if param.ndim >= 1 else 1
-        params.append((name, param.numel(), rows, quantizable))
+        params.append((name, param.numel(), rows, kind))
 
     targets = resolve_targets(model, target_modules)
     lora = experts_lora = 0
     for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Linear) and leaf in targets.modules:
+        generic = _generic_name(name)
+        if isinstance(module, nn.Linear) and any(generic == t or generic.endswith("." + t) for t in targets.modules):
             lora += lora_r * (module.in_features + module.out_features)
     for name, param in model.named_parameters():
         if param.ndim == 3 and any(name.endswith(p) for p in targets.parameters):
             experts, a, b = param.shape
-            lora += experts * lora_r * (a + b)
             experts_lora += experts * lora_r * (a + b)
 
     config = model.config.get_text_config()
@@ -221,22 +239,43 @@ def _measure(model, lora_r: int, target_modules, stored_bytes: int) -> _Shape:
             if param.ndim == 3 and ".experts." in f".{sub_name}":
                 elements += top_k * (param.shape[1] + param.shape[2])
         per_layer.append(elements)
-    return _Shape(config.model_type, params, lora, experts_lora, per_layer, config.hidden_size, config.vocab_size,
-                  stored_bytes)
+    return _Shape(config.model_type, params, lora, experts_lora, list(targets.parameters),
+                  bool(targets.parameters) and target_modules not in ("auto", "all-linear"),
+                  list(expert_layers.values()), per_layer, config.hidden_size, config.vocab_size, stored_bytes)
 
 
 def _weights(shape: _Shape, quantization: str, precision: str) -> tuple[dict[str, Group], int]:
     groups = {g: Group() for g in GROUPS}
-    dtype_bytes = DTYPE_BYTES[precision]
-    for name, numel, rows, quantizable in shape.parameters:
+    # peft's k-bit preparation upcasts what a quantized load left in 16 bits to fp32
+    dtype_bytes = DTYPE_BYTES[precision] if quantization == "none" else 4
+    for name, numel, rows, kind in shape.parameters:
         group = groups[group_of(name)]
         group.parameters += numel
-        if quantization != "none" and quantizable:
+        if _quantized(kind, quantization):
             group.bytes += _quantized_bytes(numel, rows, quantization)
             group.quantized_parameters += numel
         else:
             group.bytes += numel * dtype_bytes
     return groups, sum(g.bytes for g in groups.values())
+
+
+def _quantized(kind: str, quantization: str) -> bool:
+    """Linear weights under 4- and 8-bit (bitsandbytes); routed experts under 4-bit (training/moe_quant.py)."""
+    return (kind == "linear" and quantization != "none") or (kind == "expert" and quantization == "4bit")
+
+
+def _lora_parameters(shape: _Shape, quantization: str) -> int:
+    """LoRA on 4-bit experts is refused; 'auto' then adapts everything but the experts."""
+    return shape.lora_parameters + (shape.expert_lora_parameters if quantization != "4bit" else 0)
+
+
+def _dequantized_experts(shape: _Shape, quantization: str, precision: str, checkpointing: bool) -> int:
+    """4-bit experts are dequantized for use: two layers at a time with checkpointing, else kept for backward."""
+    if quantization != "4bit" or not shape.expert_layer_elements:
+        return 0
+    layers = shape.expert_layer_elements
+    kept = 2 * max(layers) if checkpointing else sum(layers) + max(layers)
+    return kept * DTYPE_BYTES[precision]
 
 
 def _lora_bytes_per_parameter(quantization: str) -> int:
@@ -256,26 +295,27 @@ def _activations(shape: _Shape, tokens: int, precision: str, checkpointing: bool
 def _fit(shape: _Shape, *, quantization: str, precision: str, devices: list[int], cuda: bool,
          tokens: int, checkpointing: bool, shard: bool) -> tuple[Fit, dict]:
     groups, weight_bytes = _weights(shape, quantization, precision)
-    lora_bytes = shape.lora_parameters * _lora_bytes_per_parameter(quantization)
+    lora_bytes = _lora_parameters(shape, quantization) * _lora_bytes_per_parameter(quantization)
     activations = _activations(shape, tokens, precision, checkpointing)
+    dequant = _dequantized_experts(shape, quantization, precision, checkpointing)
     overhead = CUDA_OVERHEAD_BYTES if cuda else 0
     n = len(devices) if shard else 1
-    per_device = (weight_bytes + lora_bytes) // n + activations + overhead
+    per_device = (weight_bytes + lora_bytes) // n + activations + dequant + overhead
     if shard and n > 1:
         per_device += max((b for _, b in _layer_bytes(shape, quantization, precision)), default=0)  # one gathered layer
     strategy = "cpu" if not cuda else ("fsdp" if shard and n > 1 else ("ddp" if len(devices) > 1 else "single"))
     available = int(min(devices) * USABLE_FRACTION) if devices else 0
     fit = Fit(quantization, strategy, len(devices), per_device, available)
     return fit, {"groups": groups, "weight_bytes": weight_bytes, "lora_bytes": lora_bytes,
-                 "activation_bytes": activations, "overhead_bytes": overhead}
+                 "activation_bytes": activations, "overhead_bytes": overhead, "expert_dequant_bytes": dequant}
 
 
 def _layer_bytes(shape: _Shape, quantization: str, precision: str):
     per_layer: dict[str, int] = {}
-    for name, numel, rows, quantizable in shape.parameters:
+    for name, numel, rows, kind in shape.parameters:
         match = re.search(r"layers\.(\d+)\.", name)
         if match:
-            size = (_quantized_bytes(numel, rows, quantization) if quantization != "none" and quantizable
+            size = (_quantized_bytes(numel, rows, quantization) if _quantized(kind, quantization)
                     else numel * DTYPE_BYTES[precision])
             per_layer[match.group(1)] = per_layer.get(match.group(1), 0) + size
     return per_layer.items()
@@ -316,11 +356,15 @@ def plan_memory(model_dir: str | Path, hp, *, cuda: bool | None = None, devices:
         return _fit(shape, quantization=quantization, precision=precision, devices=devices, cuda=cuda,
                     tokens=tokens, checkpointing=checkpointing, shard=shard)
 
+    if hp.quantization == "4bit" and shape.explicit_expert_targets and shape.expert_layer_elements:
+        raise refuse_expert_lora_on_4bit(shape.expert_targets)
     if hp.quantization != "auto":
         candidates = [(hp.quantization, False)] + ([(hp.quantization, True)] if cuda and len(devices) > 1
                                                    and hp.quantization == "none" else [])
     elif cuda:
-        candidates = [("none", False)] + ([("none", True)] if len(devices) > 1 else []) + [("4bit", False)]
+        candidates = [("none", False)] + ([("none", True)] if len(devices) > 1 else [])
+        if not (shape.explicit_expert_targets and shape.expert_layer_elements):  # expert LoRA needs 16 bits
+            candidates.append(("4bit", False))
     else:
         candidates = [(choose_quantization("auto", False, None), False)]
     chosen = None
@@ -339,7 +383,10 @@ def plan_memory(model_dir: str | Path, hp, *, cuda: bool | None = None, devices:
         parameters=sum(p[1] for p in shape.parameters), stored_bytes=stored, groups=parts["groups"],
         weight_bytes=parts["weight_bytes"],
         weight_bytes_if_all_4bit=sum(_quantized_bytes(p[1], p[2], "4bit") for p in shape.parameters),
-        lora_parameters=shape.lora_parameters,
+        quantized_experts=fit.quantization == "4bit" and bool(shape.expert_layer_elements),
+        expert_dequant_bytes=parts["expert_dequant_bytes"],
+        lora_parameters=_lora_parameters(shape, fit.quantization),
+        expert_lora_parameters=_lora_parameters(shape, fit.quantization) - shape.lora_parameters,
         lora_bytes=parts["lora_bytes"], activation_bytes=parts["activation_bytes"],
         activation_bytes_without_checkpointing=_activations(shape, tokens, precision, False),
         activation_bytes_with_checkpointing=_activations(shape, tokens, precision, True),
@@ -348,7 +395,30 @@ def plan_memory(model_dir: str | Path, hp, *, cuda: bool | None = None, devices:
     )
     if not plan.fits:
         plan.alternatives = _alternatives(shape, hp, attempt, devices, cuda, checkpointing)
+    plan.expert_lora = _expert_lora_needs(shape, attempt, devices, cuda)
     return plan
+
+
+def _expert_lora_needs(shape: _Shape, attempt, devices: list[int], cuda: bool) -> str:
+    """What LoRA on the routed experts takes: 16-bit experts (4-bit ones cannot be adapted), and where that fits."""
+    if not shape.expert_layer_elements:
+        return ""
+    if not shape.expert_lora_parameters:
+        return ("LoRA on the routed experts: not requested (list 'mlp.experts.gate_up_proj' and "
+                "'mlp.experts.down_proj' in target_modules, with quantization 'none')")
+    fit, parts = attempt("none", shard=False)
+    lora = shape.expert_lora_parameters * LORA_BYTES_PER_PARAMETER
+    words = (f"LoRA on the routed experts ({shape.expert_lora_parameters / 1e9:.2f} B parameters, "
+             f"{lora / GiB:.1f} GiB with gradients and AdamW state) needs them in 16 bits: 4-bit experts "
+             f"cannot be adapted; {fit.per_device_bytes / GiB:.0f} GiB on one device")
+    size = min(devices) if devices else 0
+    usable = size * USABLE_FRACTION
+    fixed = parts["activation_bytes"] + parts["overhead_bytes"] + max(
+        (b for _, b in _layer_bytes(shape, "none", "bf16")), default=0)
+    if cuda and not fit.fits and usable > fixed:
+        n = max(2, math.ceil((parts["weight_bytes"] + parts["lora_bytes"]) / (usable - fixed)))
+        words += f", or {n} GPUs of {size / GiB:.0f} GiB with FSDP"
+    return words + (" (fits here)" if fit.fits else "")
 
 
 def _alternatives(shape: _Shape, hp, attempt, devices: list[int], cuda: bool, checkpointing: bool) -> list[str]:
@@ -369,7 +439,8 @@ def _alternatives(shape: _Shape, hp, attempt, devices: list[int], cuda: bool, ch
                     out.append(f"{n} GPUs of {size / GiB:.0f} GiB with FSDP in {'bf16' if q == 'none' else q} "
                                f"(about {(spread / n + fixed) / GiB:.0f} GiB each)")
             if q == "4bit" and fit.fits and hp.quantization != "4bit":
-                out.append(f"quantization '4bit' ({fit.per_device_bytes / GiB:.0f} GiB per GPU)")
+                frozen = " with the routed experts in 4-bit and frozen" if shape.expert_layer_elements else ""
+                out.append(f"quantization '4bit'{frozen} ({fit.per_device_bytes / GiB:.0f} GiB per GPU)")
     if not checkpointing:
         fit, _ = attempt(base_q, shard=False, checkpointing=True)
         if fit.fits:
@@ -402,3 +473,45 @@ def require_fit(plan: MemoryPlan) -> None:
     hint = ("; what would fit: " + "; ".join(plan.alternatives)) if plan.alternatives else (
         "; nothing on this worker would: use a larger GPU")
     raise TrainingError(f"this job does not fit on {where}: {plan.summary()}{hint}")
+
+
+# --------------------------------------------------------------------------------------------------
+# after loading: the plan against what the model really holds
+
+MEASURED_TOLERANCE = 0.10
+
+
+def measure_loaded(model) -> dict[str, Any]:
+    """Bytes the loaded model holds by dtype and by the plan's groups (quantization state included)."""
+    from training.moe_quant import measure_model
+
+    return measure_model(model, group_of)
+
+
+def compare_measured(plan: MemoryPlan, measured: dict[str, Any], log=None) -> dict[str, Any]:
+    """``measured`` beside the plan's weights, group by group; a difference over 10% is flagged and logged.
+
+    The plan counts parameters; the model also holds buffers (rotary tables), counted in their group.
+    """
+    planned = {name: g.bytes for name, g in plan.groups.items()}
+    got = measured.get("bytes_by_group", {})
+    groups, off = {}, []
+    for name in sorted(set(planned) | set(got)):
+        p, m = planned.get(name, 0), got.get(name, 0)
+        if not p and not m:
+            continue
+        ratio = m / p if p else None
+        groups[name] = {"planned_bytes": p, "measured_bytes": m, "ratio": round(ratio, 4) if ratio else None}
+        if ratio is None or abs(ratio - 1) > MEASURED_TOLERANCE:
+            off.append(name)
+    total = measured.get("total_bytes", 0)
+    ratio = total / plan.weight_bytes if plan.weight_bytes else None
+    if ratio is None or abs(ratio - 1) > MEASURED_TOLERANCE:
+        off.insert(0, "total")
+    out = {**measured, "planned_weight_bytes": plan.weight_bytes, "ratio": round(ratio, 4) if ratio else None,
+           "groups": groups, "within_tolerance": not off, "differs": off}
+    if off and log is not None:
+        log.warning("the loaded model differs from the memory plan by more than %d%% in %s: measured %.3f GiB, "
+                    "planned %.3f GiB", int(MEASURED_TOLERANCE * 100), ", ".join(off), total / GiB,
+                    plan.weight_bytes / GiB)
+    return out

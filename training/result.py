@@ -58,6 +58,8 @@ class TrainResult(BaseModel):
     precision: str = "fp32"
     device: str = "cpu"
     load_seconds: float = 0.0
+    # What the loaded base held (training/memory_plan.measure_loaded), set against the plan by the pipeline.
+    measured_bytes: dict[str, Any] | None = None
     train_seconds: float = 0.0
     # The trained PeftModel, for callers that evaluate it; never serialised (a rank's stays there).
     model: Any = Field(default=None, exclude=True, repr=False)

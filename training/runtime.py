@@ -6,6 +6,7 @@ loads the model with them, so the two cannot disagree.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 from pydantic import ConfigDict
@@ -59,13 +60,42 @@ def this_machine() -> tuple[bool, bool]:
     return cuda, cuda and torch.cuda.is_bf16_supported()
 
 
+@functools.lru_cache(maxsize=None)
+def bitsandbytes_4bit_runs(device: str) -> str | None:
+    """None if bitsandbytes can run a 4-bit layer on ``device`` here, else why not (in words).
+
+    bitsandbytes 0.50 runs 4-bit on a CPU too (slowly); an old or missing install does not.
+    """
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to(device)
+        layer(torch.ones(1, 64, device=device))
+    except ImportError:
+        return "bitsandbytes is not installed"
+    except Exception as exc:  # noqa: BLE001 - any failure of the probe means: not on this machine
+        return f"bitsandbytes cannot run a 4-bit layer on {device} ({type(exc).__name__}: {exc})"
+    return None
+
+
 def check_runnable(hp: Hyperparameters) -> None:
-    """Raise InputError if this machine cannot run the request (4-bit without CUDA): before any download."""
-    if hp.quantization in ("4bit", "8bit") and not this_machine()[0]:
+    """Raise InputError if this machine cannot run the request, before any download.
+
+    4-bit runs wherever bitsandbytes runs it (CUDA, or a CPU with bitsandbytes >= 0.49); 8-bit
+    needs a CUDA GPU.
+    """
+    cuda = this_machine()[0]
+    if hp.quantization == "8bit" and not cuda:
         raise InputError(
-            f"hyperparameters.quantization '{hp.quantization}' needs a CUDA GPU (bitsandbytes); this "
-            "worker has none. Use 'auto' or 'none'"
+            "hyperparameters.quantization '8bit' needs a CUDA GPU (bitsandbytes); this worker has none. "
+            "Use '4bit', 'auto' or 'none'"
         )
+    if hp.quantization == "4bit":
+        problem = bitsandbytes_4bit_runs("cuda" if cuda else "cpu")
+        if problem:
+            raise InputError(f"hyperparameters.quantization '4bit' cannot run on this worker: {problem}. "
+                             "Use 'auto' or 'none'")
 
 
 def plan_runtime(hp: Hyperparameters, memory_plan=None) -> Runtime:

@@ -57,31 +57,84 @@ def fused_expert_parameters(model) -> list[str]:
     return sorted(found)
 
 
-def _linear_leaves(model) -> set[str]:
+def _linear_paths(model) -> dict[str, set[str]]:
+    """leaf name → the generic paths of the Linear layers of that name ('mlp.shared_expert.gate_proj')."""
     import torch.nn as nn
 
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    out: dict[str, set[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            out.setdefault(name.rsplit(".", 1)[-1], set()).add(_generic_name(name))
+    return out
 
 
-def resolve_targets(model, requested: str | list[str]) -> Targets:
+# peft 0.21.2's _MOE_TARGET_MODULE_MAPPING keys (utils/transformers_weight_conversion.py), copied so that
+# planning needs no peft import (it pulls in bitsandbytes: seconds); tests/test_moe_quant.py compares them.
+PEFT_MOE_REMAPPED = {
+    "mixtral": frozenset({"gate", "w1", "w2", "w3"}),
+    "qwen2_moe": frozenset({"gate", "gate_proj", "up_proj", "down_proj"}),
+}
+
+
+def peft_remapped_names(model) -> frozenset[str]:
+    """Leaf names peft 0.21 rewrites onto the fused routed experts of this model ('gate_proj', …).
+
+    peft's transformers-v5 MoE conversion maps any target ending in one of them to the experts'
+    ``target_parameters``, for every model transformers converts like qwen2_moe (Qwen3-MoE,
+    Qwen3-Next) or mixtral: a shared expert's ``gate_proj`` would silently become expert LoRA.
+    """
+    # already loaded with the model's classes: no import cost here
+    from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
+
+    pattern = _MODEL_TO_CONVERSION_PATTERN.get(getattr(model.config, "model_type", None))
+    return PEFT_MOE_REMAPPED.get(pattern, frozenset())
+
+
+def _qualified(leaf: str, paths: dict[str, set[str]], remapped: frozenset[str]) -> list[str]:
+    """A leaf name as peft must see it: by its paths ('mlp.shared_expert.gate_proj') where peft remaps the leaf."""
+    return sorted(paths[leaf]) if leaf in remapped else [leaf]
+
+
+def refuse_expert_lora_on_4bit(names: list[str]) -> InputError:
+    return InputError(
+        f"hyperparameters.target_modules asks for LoRA on the routed experts ({', '.join(names)}), which "
+        "quantization '4bit' holds in 4-bit: peft 0.21.2 cannot adapt a 4-bit expert tensor (it matches it "
+        "only by its full path, then leaves its LoRA hook stacked on the 4-bit weight so the second step "
+        "fails, and ignores one of the two expert tensors). Drop the expert names from target_modules "
+        "(attention, linear attention and the shared expert stay adapted; 'auto' does that under 4-bit), "
+        "or use quantization 'none' on GPUs that hold the experts in 16 bits"
+    )
+
+
+def resolve_targets(model, requested: str | list[str], *, quantized_experts: bool = False) -> Targets:
     """What LoRA adapts: linear projections, plus fused expert weights for mixture-of-experts models.
 
-    ``auto``: every linear layer but heads, embeddings and routers, and the fused routed experts.
-    ``all-linear``: the linear layers only. A list: each name is a linear layer's leaf name or a fused
-    expert parameter ('gate_up_proj', 'experts.down_proj' or 'mlp.experts.down_proj').
+    ``auto``: every linear layer but heads, embeddings and routers, and the fused routed experts
+    (not when ``quantized_experts``: LoRA cannot adapt 4-bit experts). ``all-linear``: the linear
+    layers only. A list: each name is a linear layer's leaf name or path ('mlp.shared_expert.down_proj')
+    or a fused expert parameter ('gate_up_proj', 'experts.down_proj' or 'mlp.experts.down_proj').
+    Where peft would remap a leaf name onto the experts ('gate_proj' on Qwen3-Next's shared expert),
+    the Linear layers are named by their paths instead, and ``peft_setup`` keeps peft from rewriting them.
     """
-    linear = _linear_leaves(model)
+    paths = _linear_paths(model)
+    linear = set(paths)
+    remapped = peft_remapped_names(model)
     fused = fused_expert_parameters(model)
     if requested in ("auto", "all-linear"):
-        modules = sorted(linear - EXCLUDED_MODULES)
-        parameters = fused if requested == "auto" else []
+        modules = [q for leaf in sorted(linear - EXCLUDED_MODULES) for q in _qualified(leaf, paths, remapped)]
+        parameters = fused if requested == "auto" and not quantized_experts else []
+        if requested == "auto" and fused and quantized_experts:
+            logger.info("target_modules auto: no LoRA on the routed experts, which are 4-bit")
         if not modules and not parameters:
             raise ModelError("the model has no linear projection layers for LoRA to adapt")
         return Targets(modules, parameters)
+    all_paths = sorted(p for ps in paths.values() for p in ps)
     modules, parameters, missing = [], [], []
     for name in requested:
         matches = [p for p in fused if p == name or p.endswith("." + name)]
         if name in linear:
+            modules.extend(q for q in _qualified(name, paths, remapped) if q not in modules)
+        elif "." in name and any(p == name or p.endswith("." + name) for p in all_paths):
             modules.append(name)
         elif matches:
             parameters.extend(m for m in matches if m not in parameters)
@@ -93,6 +146,8 @@ def resolve_targets(model, requested: str | list[str]) -> Targets:
             f"hyperparameters.target_modules {missing} match no linear layer or expert weight of this "
             f"model; it has linear layers: {', '.join(sorted(linear))}{fused_text}"
         )
+    if parameters and quantized_experts:
+        raise refuse_expert_lora_on_4bit(parameters)
     return Targets(modules, parameters)
 
 

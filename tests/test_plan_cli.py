@@ -1,0 +1,68 @@
+"""``python cli.py plan``: will a job fit these GPUs, from config.json alone (no weights)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+
+from tests.test_memory_plan import QWEN3_NEXT_80B
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def config_only(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("qwen3-next-80b-config")
+    transformers.Qwen3NextConfig(**QWEN3_NEXT_80B).save_pretrained(folder)
+    assert [p.name for p in folder.iterdir()] == ["config.json"]  # no weights at all
+    return folder
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "cli.py", "plan", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+
+
+def _json_and_words(stdout: str) -> tuple[dict, str]:
+    decoder = json.JSONDecoder()
+    document, end = decoder.raw_decode(stdout)
+    return document, stdout[end:]
+
+
+def test_qwen3_next_80b_on_one_80_gib_gpu(config_only):
+    done = _plan("--base", str(config_only), "--gpus", "1x80")
+    assert done.returncode == 0, done.stderr
+    plan, words = _json_and_words(done.stdout)
+    assert plan["options"]["none"]["fits"] is False  # bf16 LoRA does not fit one 80 GiB GPU
+    assert plan["options"]["4bit"]["fits"] is True  # 4-bit, experts frozen, does
+    assert plan["quantization"] == "4bit" and plan["fits"] and plan["quantized_experts"]
+    assert plan["groups_gib"]["routed_experts"] == pytest.approx(37.14, abs=0.01)
+    assert "16-bit (quantization 'none'): " in words and "does not fit" in words
+    assert "FITS on 1 GPU(s) of 80 GiB" in words and "routed_experts" in words
+    assert "LoRA on the routed experts" in words and "needs them in 16 bits" in words
+
+
+def test_a_job_file_is_planned_and_expert_lora_on_4bit_is_refused(config_only, tmp_path):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"input": {"dataset": "d.jsonl", "hyperparameters": {
+        "quantization": "none", "max_seq_length": 1024}}}))
+    done = _plan("--base", str(config_only), "--gpus", "4x80", "--input", str(job))
+    assert done.returncode == 0, done.stderr
+    plan, words = _json_and_words(done.stdout)
+    assert plan["quantization"] == "none" and plan["strategy"] == "fsdp" and plan["fits"]
+    assert "options" not in plan
+
+    job.write_text(json.dumps({"dataset": "d.jsonl", "hyperparameters": {
+        "quantization": "4bit", "target_modules": ["q_proj", "mlp.experts.gate_up_proj"]}}))
+    refused = _plan("--base", str(config_only), "--gpus", "1x80", "--input", str(job))
+    assert refused.returncode == 2 and "routed experts" in refused.stderr
+
+
+def test_bad_gpus_is_a_usage_error(config_only):
+    done = _plan("--base", str(config_only), "--gpus", "80")
+    assert done.returncode == 2 and "--gpus must be COUNTxGiB" in done.stderr
