@@ -456,6 +456,8 @@ def _train_output(job_id: str, stored: StoredArtifact, record_id: str, timings: 
         "memory_plan": manifest.memory_plan,
         "timings": timings,
     }
+    if manifest.runtime is not None:  # absent from manifests written before it was recorded
+        output["runtime"] = manifest.runtime.model_dump(exclude_unset=True)
     if cost:
         output["cost"] = cost
     return output
@@ -489,7 +491,8 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         memory_plan=_plan_with_measurement(plan, result),
         runtime=RuntimeEntry(device=runtime.device, precision=runtime.precision,
-                             quantization=runtime.quantization),
+                             quantization=runtime.quantization, attention=result.attention,
+                             kernels=result.kernels),
         # what this adapter continued from; absent (not null) when it started fresh
         **({"init_adapter": InitAdapterEntry(**init.to_manifest())} if init is not None else {}),
     )

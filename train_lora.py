@@ -36,6 +36,7 @@ from training.checkpoints import (
     run_signature,
     step_of,
 )
+from training.kernels import detect_kernels, kernels_in_use
 from training.launch import (
     PROGRESS_PREFIX,
     RESULT_NAME,
@@ -131,6 +132,8 @@ def train_lora(request: TrainRequest, data: PreparedDataset, *, tokenizer,
         load_seconds=load_seconds,
         measured_bytes=measured,
         train_seconds=train_seconds,
+        attention=getattr(model.config, "_attn_implementation", None),
+        kernels=kernels_in_use(model, detect_kernels(request.runtime.device == "cuda")),
         model=model,
     )
 

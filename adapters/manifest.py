@@ -129,6 +129,8 @@ class RuntimeEntry(_Section):
     device: str | None = None
     precision: str | None = None
     quantization: str | None = None
+    attention: str | None = None  # the attention implementation the model ran with
+    kernels: dict[str, str] = {}  # optional kernels really used ({distribution: version})
 
 
 class InitAdapterEntry(_Section):

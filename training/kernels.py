@@ -52,3 +52,23 @@ def detect_kernels(cuda: bool | None = None) -> dict[str, str]:
 def attention_implementation(kernels: dict[str, str]) -> str:
     """flash_attention_2 when flash-attn is usable, else PyTorch's sdpa."""
     return "flash_attention_2" if "flash-attn" in kernels else "sdpa"
+
+
+# Model types whose linear-attention layers transformers runs on fla / causal-conv1d when importable.
+_LINEAR_ATTENTION_MODELS = ("qwen3_next",)
+
+
+def kernels_in_use(model, available: dict[str, str]) -> dict[str, str]:
+    """Of the usable kernels, those this loaded model runs on: flash-attn when its attention is
+    flash_attention_2, fla and causal-conv1d for linear-attention models. liger-kernel is not turned
+    on (untested with this worker's PEFT path), so it is never reported as used."""
+    config = model.config
+    used = {}
+    if getattr(config, "_attn_implementation", None) == "flash_attention_2" and "flash-attn" in available:
+        used["flash-attn"] = available["flash-attn"]
+    if getattr(config, "model_type", None) in _LINEAR_ATTENTION_MODELS:
+        for dist in ("flash-linear-attention", "causal-conv1d"):
+            if dist in available:
+                used[dist] = available[dist]
+    return used
+

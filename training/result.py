@@ -61,6 +61,9 @@ class TrainResult(BaseModel):
     # What the loaded base held (training/memory_plan.measure_loaded), set against the plan by the pipeline.
     measured_bytes: dict[str, Any] | None = None
     train_seconds: float = 0.0
+    # The attention implementation the model ran with, and the optional kernels it really used.
+    attention: str | None = None
+    kernels: dict[str, str] = {}
     # The trained PeftModel, for callers that evaluate it; never serialised (a rank's stays there).
     model: Any = Field(default=None, exclude=True, repr=False)
 
