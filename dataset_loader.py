@@ -28,6 +28,7 @@ from typing import Any
 
 from config.job import DatasetSpec
 from config.settings import WorkerSettings
+from data.budget import ReadBudget
 from data.normalize import Example, normalize_all
 from data.report import DatasetReport
 from data.tokenize import token_stats, tokenize_examples
@@ -78,7 +79,8 @@ def _read_part(uri: str | None, records: list[dict] | None, spec: DatasetSpec, s
     for_eval = what == "dataset.eval_uri"
     with fetch(uri or "", settings, subset=spec.subset, split=None if for_eval else spec.split, what=what,
                for_eval=for_eval) as fetched:
-        parsed = read_files(fetched.paths, fetched.names, cap=settings.max_dataset_bytes, limit=limit)
+        budget = ReadBudget(settings.max_dataset_bytes, settings.max_dataset_records, settings.dataset_read_timeout_s)
+        parsed = read_files(fetched.paths, fetched.names, budget=budget, limit=limit)
     examples = normalize_all(parsed.rows, parsed.where, spec.format, fetched.source)
     formats = sorted(set(parsed.file_formats))
     return _Part(examples, fetched.sha256, fetched.source, "+".join(formats), fetched.bytes, len(parsed.rows))
