@@ -226,3 +226,53 @@ def test_deeply_nested_records_are_a_dataset_error(volume, no_weights, name, bod
     (volume / "datasets" / name).write_bytes(body)
     output = validate(f"datasets/{name}")
     assert output["error"].startswith(f"dataset: datasets/{name} holds a value nested too deeply to read"), output
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding 11, the dataset parts: links out of the volume, tokenizer files, all-masked data
+
+
+def test_a_linked_shard_pointing_outside_the_volume_is_refused(volume, no_weights, tmp_path):
+    secret = tmp_path / "outside" / "secret.jsonl"
+    secret.parent.mkdir()
+    secret.write_text('{"text": "outside-the-volume-content"}\n')
+    shards = volume / "datasets" / "shards"
+    shards.mkdir()
+    (shards / "part-0.jsonl").write_text('{"text": "inside"}\n')
+    (shards / "part-1.jsonl").symlink_to(secret)
+    output = validate("datasets/shards")
+    assert output == {"error": "input: dataset.uri: dataset file 'datasets/shards/part-1.jsonl' links outside "
+                               f"the volume ({volume}); copy the file onto the volume instead of linking it"}
+    # A link that stays on the volume is a shard like any other.
+    (shards / "part-1.jsonl").unlink()
+    (shards / "part-1.jsonl").symlink_to(volume / "datasets" / "capitals.jsonl")
+    assert validate("datasets/shards", max_examples=5)["status"] == "valid"
+
+
+def test_a_broken_tokenizer_is_a_model_error_naming_the_file(volume, no_weights):
+    import shutil
+
+    broken = volume / "models" / "broken-tok"
+    shutil.copytree(volume / "models" / "tiny-llama", broken)
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+    job = small_job(action="validate", base_model="broken-tok")
+    output = handler.handler({"id": "tok", "input": job})
+    assert output["error"].startswith(f"model: the tokenizer file {broken / 'tokenizer.json'} is damaged "
+                                      "(Expecting property name enclosed in double quotes at line 1)"), output
+
+
+def test_all_masked_data_gets_a_hint_about_weights(volume, no_weights):
+    records = [{"messages": [{"role": "user", "content": f"Q{i}?"},
+                             {"role": "assistant", "content": f"A{i}.", "weight": 0}]} for i in range(4)]
+    job = small_job(action="validate")
+    job["dataset"] = {"records": records}
+    error = handler.handler({"id": "masked", "input": job})["error"]
+    assert error.startswith("dataset: no usable training examples in inline (4 records): 4 dropped: every "
+                            "assistant turn has weight 0 (first: record 1); nothing is left to learn from"), error
+    assert "give at least one assistant turn per conversation weight 1" in error
+    assert "max_seq_length" not in error
+    # Examples cut before their completion keep the length hint.
+    job["dataset"] = {"records": [{"prompt": "word " * 400, "completion": "done"}]}
+    error = handler.handler({"id": "short", "input": job})["error"]
+    assert error.endswith("no completion tokens within max_seq_length (first: record 1); raise max_seq_length "
+                          "or shorten the prompts"), error
