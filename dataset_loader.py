@@ -65,7 +65,11 @@ def _read_part(uri: str | None, records: list[dict] | None, spec: DatasetSpec, s
         if len(records) > settings.max_inline_records:
             raise InputError(f"{what}: {len(records)} inline records is over the {settings.max_inline_records} "
                              "cap (MAX_INLINE_RECORDS); upload a file and send its uri instead")
-        raw = json.dumps(records, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            raw = json.dumps(records, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        except RecursionError:
+            raise InputError("dataset.records: an inline record is nested too deeply (over about 1,000 levels of "
+                             "[ or {); flatten the records") from None
         rows = records[:limit] if limit is not None else records
         wheres = [f"record {i + 1}" for i in range(len(rows))]
         examples = normalize_all(rows, wheres.__getitem__, spec.format, "the inline records")
