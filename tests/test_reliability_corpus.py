@@ -317,12 +317,18 @@ def warm():
     import train_lora  # noqa: F401
 
 
+def _figures() -> dict:
+    return {"cases": 0, "errors": 0, "secrets_leaked": 0, "tracebacks": 0, "weights_loaded": 0,
+            "connections_beyond_loopback": 0, "places_scanned": 0, "max_seconds": 0.0}
+
+
 @pytest.fixture(scope="module")
 def tally():
-    figures = {"cases": 0, "errors": 0, "secrets_leaked": 0, "tracebacks": 0, "weights_loaded": 0,
-               "connections_beyond_loopback": 0, "places_scanned": 0, "max_seconds": 0.0}
+    """The corpus's figures; cases of findings still open (strict xfail) are counted apart."""
+    figures = {"closed": _figures(), "open": _figures()}
     yield figures
-    count("corpus", **figures, secrets_planted=len(PLANTED.values()))
+    count("corpus", **figures["closed"], secrets_planted=len(PLANTED.values()))
+    count("corpus_open_findings", **figures["open"])
 
 
 def _prepare(case: Case, volume: Path, outside: Path) -> None:
@@ -400,6 +406,7 @@ def test_corpus(case, volume, tmp_path, monkeypatch, caplog, redirector, loopbac
 
     error = output.get("error", "") if isinstance(output, dict) else ""
     leaks = scan({"output": json.dumps(output), "log": caplog.text, **volume_texts(volume)})
+    tally = tally["open" if case.needs else "closed"]
     tally["cases"] += 1
     tally["errors"] += bool(error)
     tally["secrets_leaked"] += len(leaks)
@@ -475,6 +482,7 @@ def test_a_successful_job_leaks_no_planted_secret(volume, monkeypatch, caplog, t
     places = {"output": json.dumps(output), "log": caplog.text, **volume_texts(volume)}
     assert any(name.startswith("artifacts") for name in places) and any(".sqlite3:" in n for n in places)
     leaks = scan(places)
+    tally = tally["closed"]
     tally["secrets_leaked"] += len(leaks)
     tally["places_scanned"] += len(places)
     tally["successful_jobs_scanned"] = tally.get("successful_jobs_scanned", 0) + 1
