@@ -28,10 +28,11 @@ from typing import Any
 
 from config.job import DatasetSpec
 from config.settings import WorkerSettings
+from data.budget import ReadBudget
 from data.normalize import Example, normalize_all
 from data.report import DatasetReport
 from data.tokenize import token_stats, tokenize_examples
-from errors import DatasetError, InputError
+from errors import DatasetError, InputError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,11 @@ def _read_part(uri: str | None, records: list[dict] | None, spec: DatasetSpec, s
         if len(records) > settings.max_inline_records:
             raise InputError(f"{what}: {len(records)} inline records is over the {settings.max_inline_records} "
                              "cap (MAX_INLINE_RECORDS); upload a file and send its uri instead")
-        raw = json.dumps(records, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            raw = json.dumps(records, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        except RecursionError:
+            raise InputError("dataset.records: an inline record is nested too deeply (over about 1,000 levels of "
+                             "[ or {); flatten the records") from None
         rows = records[:limit] if limit is not None else records
         wheres = [f"record {i + 1}" for i in range(len(rows))]
         examples = normalize_all(rows, wheres.__getitem__, spec.format, "the inline records")
@@ -78,7 +83,8 @@ def _read_part(uri: str | None, records: list[dict] | None, spec: DatasetSpec, s
     for_eval = what == "dataset.eval_uri"
     with fetch(uri or "", settings, subset=spec.subset, split=None if for_eval else spec.split, what=what,
                for_eval=for_eval) as fetched:
-        parsed = read_files(fetched.paths, fetched.names, cap=settings.max_dataset_bytes, limit=limit)
+        budget = ReadBudget(settings.max_dataset_bytes, settings.max_dataset_records, settings.dataset_read_timeout_s)
+        parsed = read_files(fetched.paths, fetched.names, budget=budget, limit=limit)
     examples = normalize_all(parsed.rows, parsed.where, spec.format, fetched.source)
     formats = sorted(set(parsed.file_formats))
     return _Part(examples, fetched.sha256, fetched.source, "+".join(formats), fetched.bytes, len(parsed.rows))
@@ -91,10 +97,34 @@ def _read_part(uri: str | None, records: list[dict] | None, spec: DatasetSpec, s
 def load_tokenizer(model_path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # whatever transformers or tokenizers raise: the model's files are at fault
+        raise _tokenizer_error(Path(model_path), exc) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json")
+
+
+def _tokenizer_error(model_path: Path, exc: Exception) -> ModelError:
+    """A ``model:`` error naming the broken tokenizer file (the first JSON one that does not parse)."""
+    for name in TOKENIZER_FILES:
+        file = model_path / name
+        if not file.is_file():
+            continue
+        try:
+            json.loads(file.read_bytes())
+        except (ValueError, OSError) as bad:
+            why = f"{bad.msg} at line {bad.lineno}" if isinstance(bad, json.JSONDecodeError) else type(bad).__name__
+            return ModelError(f"the tokenizer file {file} is damaged ({why}); download the model again or "
+                              "replace that file")
+    detail = " ".join(str(exc).split())[:200]
+    return ModelError(f"the tokenizer of {model_path} cannot be loaded ({type(exc).__name__}"
+                      + (f": {detail}" if detail else "") + "); check its tokenizer files or download the model again")
 
 
 @dataclass
@@ -141,6 +171,14 @@ def read_dataset(spec: DatasetSpec, settings: WorkerSettings, *, seed: int) -> R
     return RawDataset(examples, eval_examples, part.sha256, part.source, spec.format, report)
 
 
+# What to do about each reason an example is dropped: the hint names the cause that applies.
+DROP_HINTS = {
+    "every assistant turn has weight 0": "nothing is left to learn from those: give at least one assistant "
+    "turn per conversation weight 1 (or leave weight out)",
+    "no completion tokens within max_seq_length": "raise max_seq_length or shorten the prompts",
+}
+
+
 def tokenize_dataset(raw: RawDataset, tokenizer, *, max_seq_length: int, train_on_inputs: bool
                      ) -> PreparedDataset:
     """Tokenize and mask with the base model's tokenizer; report what was kept, cut and dropped."""
@@ -159,7 +197,7 @@ def tokenize_dataset(raw: RawDataset, tokenizer, *, max_seq_length: int, train_o
             f"no usable training examples in {raw.source}: "
             + ", ".join(f"{n} dropped: {why}" for why, n in report.dropped.items())
             + (f" (first: {report.dropped_examples[0]['where']})" if report.dropped_examples else "")
-            + "; raise max_seq_length or shorten the prompts"
+            + "; " + "; ".join(DROP_HINTS.get(why, "check those records") for why in report.dropped)
         )
     eval_ds = None
     if raw.eval:

@@ -112,6 +112,9 @@ class WorkerSettings(BaseSettings):
     progress_interval_s: float = Field(default=5.0, ge=0)
     max_dataset_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_inline_records: int = Field(default=10_000, gt=0)
+    # Reading a dataset (data/budget.py): records read, and seconds spent reading and parsing.
+    max_dataset_records: int = Field(default=1_000_000, gt=0)
+    dataset_read_timeout_s: float = Field(default=600.0, gt=0)
     # --- dataset sources -----------------------------------------------------------------------
     # URLs that resolve to loopback or private networks (10/8, 172.16/12, 192.168/16, fc00::/7, …)
     # are refused unless this is set (a dataset server on the same private network, or tests).

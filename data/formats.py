@@ -5,9 +5,11 @@ The format comes from the file's name (``.jsonl``, ``.json``, ``.csv``, ``.parqu
 extension; a name with no extension is sniffed). Every record keeps where it came from — ``line N``
 for JSONL and CSV, ``record N`` for JSON arrays and Parquet rows — so an error can point at it.
 
-Files are read as streams: JSONL and CSV line by line, Parquet in row batches, and reading stops
-after ``limit`` records (``max_examples``). Decompressed bytes count against the same cap as the
-file, which stops a gzip bomb while it inflates.
+Files are read as streams: JSONL and CSV line by line, JSON arrays element by element, Parquet one
+row group at a time in small batches, and reading stops after ``limit`` records (``max_examples``).
+Every record, decoded byte (decompressed gzip, Parquet values once expanded from their dictionary)
+and second is counted against the read's budget (data/budget.py) before it becomes Python objects,
+so a compression bomb or a file of millions of tiny rows stops at a cap with a ``dataset:`` error.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import csv
 import gzip
 import io
 import json
+import re
 import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from data.budget import FileBudget, ReadBudget
 from errors import DatasetError
 
+CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
 EXTENSIONS = {
@@ -61,11 +66,11 @@ class Records:
         return f"{self.files[file_index]} {place}" if len(self.files) > 1 else place
 
 
-class _CappedReader(io.RawIOBase):
-    """Counts bytes read through it and stops with DatasetError past ``cap`` (decompressed data)."""
+class _CountingReader(io.RawIOBase):
+    """Counts the bytes read through it (decompressed, for gzip) against the file's budget."""
 
-    def __init__(self, inner: IO[bytes], cap: int, name: str):
-        self.inner, self.cap, self.name, self.count = inner, cap, name, 0
+    def __init__(self, inner: IO[bytes], budget: FileBudget):
+        self.inner, self.budget = inner, budget
 
     def readable(self) -> bool:
         return True
@@ -76,12 +81,7 @@ class _CappedReader(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         data = self.inner.read(len(buffer))
-        self.count += len(data)
-        if self.count > self.cap:
-            raise DatasetError(
-                f"{self.name} decompresses to more than the {self.cap}-byte cap (MAX_DATASET_BYTES); "
-                "split the file or raise the cap"
-            )
+        self.budget.add(len(data))
         buffer[: len(data)] = data
         return len(data)
 
@@ -128,8 +128,12 @@ def _sniff(path: Path, gzipped: bool, name: str) -> str:
     )
 
 
-def read_files(paths: list[Path], names: list[str], *, cap: int, limit: int | None) -> Records:
-    """Read every file in order into one Records, stopping once ``limit`` rows are read."""
+def read_files(paths: list[Path], names: list[str], *, budget: ReadBudget, limit: int | None) -> Records:
+    """Read every file in order into one Records, stopping once ``limit`` rows are read.
+
+    Every row is counted against ``budget`` as it is read (records, decoded bytes, seconds), so a
+    file's cost is bounded by the caps, never by what it turns out to hold.
+    """
     out = Records()
     for index, (path, name) in enumerate(zip(paths, names)):
         if limit is not None and len(out.rows) >= limit:
@@ -139,7 +143,9 @@ def read_files(paths: list[Path], names: list[str], *, cap: int, limit: int | No
         out.file_formats.append(fmt + (".gz" if gzipped else ""))
         before = len(out.rows)
         remaining = None if limit is None else limit - len(out.rows)
-        for number, row in _rows(path, name, fmt, gzipped, cap, remaining, out):
+        counted = budget.file(name, path.stat().st_size, "decompresses" if gzipped else "decodes")
+        for number, row in _rows(path, name, fmt, gzipped, counted, remaining, out):
+            budget.add_record(name)
             out.rows.append(row)
             out.numbers.append(number)
         # A .json file that turned out to be JSONL counts lines, not array items.
@@ -155,38 +161,70 @@ def read_files(paths: list[Path], names: list[str], *, cap: int, limit: int | No
     return out
 
 
-def _open_text(path: Path, gzipped: bool, cap: int, name: str) -> IO[bytes]:
-    if gzipped:
-        return io.BufferedReader(_CappedReader(gzip.open(path, "rb"), cap, name), 1 << 20)
-    return open(path, "rb")
+def _open_text(path: Path, gzipped: bool, budget: FileBudget) -> IO[bytes]:
+    inner = gzip.open(path, "rb") if gzipped else open(path, "rb")
+    return io.BufferedReader(_CountingReader(inner, budget), CHUNK)
 
 
-def _rows(path: Path, name: str, fmt: str, gzipped: bool, cap: int, limit: int | None,
+def _rows(path: Path, name: str, fmt: str, gzipped: bool, budget: FileBudget, limit: int | None,
           out: Records) -> Iterator[tuple[int, Any]]:
     if path.stat().st_size == 0:
         raise DatasetError(f"{name} is empty (0 bytes); check that the right file was uploaded")
     try:
         if fmt == "parquet":
-            yield from _parquet_rows(path, name, limit)
+            yield from _parquet_rows(path, name, limit, budget)
         elif fmt in ("csv", "tsv"):
-            yield from _csv_rows(path, name, gzipped, cap, limit, "\t" if fmt == "tsv" else ",")
+            yield from _csv_rows(path, name, gzipped, budget, limit, "\t" if fmt == "tsv" else ",")
         elif fmt == "json":
-            yield from _json_rows(path, name, gzipped, cap, limit, out)
+            yield from _json_rows(path, name, gzipped, budget, limit, out)
         else:
-            yield from _jsonl_rows(path, name, gzipped, cap, limit)
+            yield from _jsonl_rows(path, name, gzipped, budget, limit)
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise DatasetError(f"{name} is a damaged gzip file ({exc}); compress it again") from None
+    except RecursionError:
+        raise DatasetError(f"{name} holds a value nested too deeply to read (over about 1,000 levels of "
+                           "[ or {); flatten the records") from None
 
 
-def _jsonl_rows(path: Path, name: str, gzipped: bool, cap: int, limit: int | None
+_BLANK = b" \t\n\r\f\v"
+
+
+def _numbered_lines(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) for every non-blank line, reading ``CHUNK`` bytes at a time.
+
+    A block of nothing but blank lines (a gzip of newlines inflates to gigabytes of them) is counted
+    and skipped in C, not one Python iteration per line; a line longer than a block is joined once.
+    """
+    number, pending, first = 1, [], True
+    while True:
+        block = f.read(CHUNK)
+        if not block:
+            break
+        if first:
+            block, first = block.removeprefix(b"\xef\xbb\xbf"), False
+        cut = block.rfind(b"\n")
+        if cut < 0:
+            pending.append(block)
+            continue
+        data = b"".join(pending) + block[: cut + 1] if pending else block[: cut + 1]
+        pending = [block[cut + 1:]]
+        if not data.translate(None, _BLANK):
+            number += data.count(b"\n")
+            continue
+        for line in data.split(b"\n")[:-1]:
+            if line.strip():
+                yield number, line
+            number += 1
+    tail = b"".join(pending)
+    if tail.strip():
+        yield number, tail
+
+
+def _jsonl_rows(path: Path, name: str, gzipped: bool, budget: FileBudget, limit: int | None
                 ) -> Iterator[tuple[int, Any]]:
     count = 0
-    with _open_text(path, gzipped, cap, name) as f:
-        for number, line in enumerate(f, start=1):
-            if number == 1:
-                line = line.removeprefix(b"\xef\xbb\xbf")
-            if not line.strip():
-                continue
+    with _open_text(path, gzipped, budget) as f:
+        for number, line in _numbered_lines(f):
             if limit is not None and count >= limit:
                 return
             try:
@@ -205,49 +243,81 @@ def _jsonl_rows(path: Path, name: str, gzipped: bool, cap: int, limit: int | Non
             yield number, row
 
 
-def _json_rows(path: Path, name: str, gzipped: bool, cap: int, limit: int | None,
+_WHITESPACE = re.compile(r"\s*")
+
+
+def _json_rows(path: Path, name: str, gzipped: bool, budget: FileBudget, limit: int | None,
                out: Records) -> Iterator[tuple[int, Any]]:
-    with _open_text(path, gzipped, cap, name) as f:
+    with _open_text(path, gzipped, budget) as f:
         data = f.read()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{name} is not UTF-8 text (byte {exc.start + 1}); save it as UTF-8") from None
     del data
+    start = _WHITESPACE.match(text).end()
     try:
+        if text.startswith("[", start):
+            # One element at a time: each record is counted as it is parsed, never a whole document.
+            yield from _json_array(text, start + 1, limit)
+            return
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):
             # One object per line in a file named .json: it is JSONL.
             out.file_formats[-1] = "jsonl" + (".gz" if gzipped else "")
             del text
-            yield from _jsonl_rows(path, name, gzipped, cap, limit)
+            budget.budget.decoded -= budget.decoded  # read again as lines: count the bytes once
+            budget.decoded = 0
+            yield from _jsonl_rows(path, name, gzipped, budget, limit)
             return
         raise DatasetError(
             f"{name} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; a .json file "
             "must hold one array of records ([{…}, {…}]), or use JSONL (one object per line)"
         ) from None
     del text
-    if isinstance(document, dict):
-        document = [document] if _looks_like_record(document) else document
-    if not isinstance(document, list):
-        keys = sorted(document)[:10] if isinstance(document, dict) else type(document).__name__
-        raise DatasetError(
-            f"{name} holds a JSON {'object' if isinstance(document, dict) else 'value'} ({keys}), not an "
-            "array of records; put the records in a top-level array ([{…}, {…}]) or use JSONL"
-        )
-    for number, row in enumerate(document[:limit] if limit is not None else document, start=1):
-        yield number, row
+    if isinstance(document, dict) and _looks_like_record(document):
+        yield 1, document
+        return
+    keys = sorted(document)[:10] if isinstance(document, dict) else type(document).__name__
+    raise DatasetError(
+        f"{name} holds a JSON {'object' if isinstance(document, dict) else 'value'} ({keys}), not an "
+        "array of records; put the records in a top-level array ([{…}, {…}]) or use JSONL"
+    )
+
+
+def _json_array(text: str, position: int, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """The elements of the array whose ``[`` ends at ``position``, numbered from 1."""
+    decoder = json.JSONDecoder()
+    position = _WHITESPACE.match(text, position).end()
+    if text.startswith("]", position):
+        return
+    number = 0
+    while True:
+        if limit is not None and number >= limit:
+            return
+        value, position = decoder.raw_decode(text, position)
+        number += 1
+        yield number, value
+        position = _WHITESPACE.match(text, position).end()
+        if text.startswith(",", position):
+            position = _WHITESPACE.match(text, position + 1).end()
+        elif text.startswith("]", position):
+            if text[position + 1:].strip():
+                raise json.JSONDecodeError("Extra data", text, position + 1)
+            return
+        else:
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
 
 
 def _looks_like_record(obj: dict) -> bool:
     return any(key in obj for key in ("messages", "conversations", "prompt", "instruction", "text"))
 
 
-def _csv_rows(path: Path, name: str, gzipped: bool, cap: int, limit: int | None, delimiter: str
+def _csv_rows(path: Path, name: str, gzipped: bool, budget: FileBudget, limit: int | None, delimiter: str
               ) -> Iterator[tuple[int, Any]]:
-    csv.field_size_limit(min(cap, sys.maxsize))  # one cell may hold a whole long document
-    with _open_text(path, gzipped, cap, name) as raw:
+    csv.field_size_limit(min(budget.budget.max_bytes, sys.maxsize))  # one cell may hold a long document
+    with _open_text(path, gzipped, budget) as raw:
         f = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
         reader = csv.reader(f, delimiter=delimiter)
         try:
@@ -271,18 +341,8 @@ def _csv_rows(path: Path, name: str, gzipped: bool, cap: int, limit: int | None,
                         f"{name} line {number} has {len(cells)} fields but the header has {len(columns)} "
                         f"({', '.join(columns)}); quote fields that contain '{delimiter}' or line breaks"
                     )
-                row: dict[str, Any] = dict(zip(columns, cells))
-                for key in JSON_COLUMNS:
-                    if isinstance(row.get(key), str):
-                        try:
-                            row[key] = json.loads(row[key])
-                        except json.JSONDecodeError as exc:
-                            raise DatasetError(
-                                f"{name} line {number}: column '{key}' is not valid JSON ({exc.msg} at "
-                                f"column {exc.colno}); a CSV cell must hold the turns as a JSON array"
-                            ) from None
                 count += 1
-                yield number, row
+                yield number, _csv_row(dict(zip(columns, cells)), name, number)
         except csv.Error as exc:
             raise DatasetError(f"{name} line {reader.line_num} is not valid CSV ({exc}); check its quoting") from None
         except UnicodeDecodeError as exc:
@@ -290,19 +350,72 @@ def _csv_rows(path: Path, name: str, gzipped: bool, cap: int, limit: int | None,
                                " save the file as UTF-8") from None
 
 
-def _parquet_rows(path: Path, name: str, limit: int | None) -> Iterator[tuple[int, Any]]:
+def _csv_row(row: dict[str, Any], name: str, number: int) -> dict[str, Any]:
+    for key in JSON_COLUMNS:
+        if isinstance(row.get(key), str):
+            try:
+                row[key] = json.loads(row[key])
+            except json.JSONDecodeError as exc:
+                raise DatasetError(
+                    f"{name} line {number}: column '{key}' is not valid JSON ({exc.msg} at "
+                    f"column {exc.colno}); a CSV cell must hold the turns as a JSON array"
+                ) from None
+    return row
+
+
+PARQUET_BATCH = 128  # rows decoded at once: what a nested column can expand to before it is counted
+
+
+def _parquet_rows(path: Path, name: str, limit: int | None, budget: FileBudget) -> Iterator[tuple[int, Any]]:
+    """Rows of one row group at a time, in small batches, each batch's decoded size counted before
+    any of it becomes Python objects. Top-level text columns are read as dictionaries, so a value
+    repeated in every row (a dictionary bomb) is held once and its expansion is counted, not built."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = _open_parquet(path)
         number = 0
-        for batch in parquet.iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                if limit is not None and number >= limit:
-                    return
-                number += 1
-                yield number, row
+        for group in range(parquet.metadata.num_row_groups):
+            declared = parquet.metadata.row_group(group).total_byte_size
+            if budget.budget.decoded + declared > budget.budget.max_bytes:
+                budget.add(declared)  # its uncompressed pages alone pass the cap: refused unread
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, row_groups=[group], use_threads=False):
+                budget.add(_decoded_bytes(batch))
+                for row in batch.to_pylist():
+                    if limit is not None and number >= limit:
+                        return
+                    number += 1
+                    yield number, row
     except (pa.ArrowException, OSError) as exc:
         raise DatasetError(f"{name} is not a readable Parquet file ({type(exc).__name__}: {exc}); "
                            "write it again with pyarrow or pandas") from None
+
+
+def _open_parquet(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+            or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+    return pq.ParquetFile(path, read_dictionary=text)
+
+
+def _decoded_bytes(batch) -> int:
+    """Bytes the batch takes once decoded: dictionary columns by their values' lengths per row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = 0
+    for column in batch.columns:
+        if not pa.types.is_dictionary(column.type):
+            total += column.nbytes
+            continue
+        values, indices = column.dictionary, column.indices
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or \
+                pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+            total += pc.sum(pc.take(pc.binary_length(values), indices)).as_py() or 0
+        else:  # a dictionary of fixed-width values: each row holds one
+            total += len(indices) * (values.nbytes // max(len(values), 1))
+        total += indices.nbytes
+    return total

@@ -25,7 +25,7 @@ from data.fetched import Fetched, over_cap, suffix_of
 from data.formats import is_data_file
 from data.http import CHUNK, Rules, open_url, save_chunks
 from errors import DatasetError, InputError
-from files import check_inside, sha256_files
+from files import check_inside, is_within, sha256_files
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,12 @@ def _fetch_volume(uri: str, settings: WorkerSettings, what: str) -> Fetched:
             raise DatasetError(f"dataset folder {uri} holds no data files (.jsonl, .json, .csv, .parquet, "
                                "optionally .gz); put the files there or name one file")
         names = [f"{uri.rstrip('/')}/{p.relative_to(path).as_posix()}" for p in paths]
+        # A shard may be a link: what it points at must be on the volume too, like the folder itself.
+        root = settings.volume_root.resolve()
+        for shard, name in zip(paths, names):
+            if not is_within(shard.resolve(), root):
+                raise InputError(f"{what}: dataset file {name!r} links outside the volume "
+                                 f"({settings.volume_root}); copy the file onto the volume instead of linking it")
     elif path.is_file():
         paths, names = [path], [uri]
     else:

@@ -81,6 +81,24 @@ def _example_text(ex: Example, tokenizer, template: str | None, train_on_inputs:
     return text, [(start, len(text))], True
 
 
+def _text_limit(tokenizer, max_seq_length: int) -> int:
+    """Characters of rendered text that surely hold more than ``max_seq_length`` tokens: no token is
+    longer than the vocabulary's longest entry. Only that much is tokenized; the rest would be cut."""
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    return (max_seq_length + 1) * max(longest, 1)
+
+
+def _cut(rendered: tuple[str, list[tuple[int, int]], bool], limit: int
+         ) -> tuple[str, list[tuple[int, int]], bool]:
+    """The text cut at ``limit`` characters before tokenizing: a 1 MiB record costs what its first
+    max_seq_length tokens cost, not minutes of BPE. A trained span past the cut stays, empty, so the
+    example is dropped for having no completion within max_seq_length (the true reason)."""
+    text, spans, add_eos = rendered
+    if len(text) <= limit:
+        return rendered
+    return text[:limit], [(min(a, limit), min(b, limit)) for a, b in spans], add_eos
+
+
 class TokenColumns:
     """input_ids and labels of many examples, packed flat (8 bytes a token, not a Python int each)."""
 
@@ -135,9 +153,10 @@ def tokenize_examples(examples: list[Example], tokenizer, *, max_seq_length: int
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not template else []
     eos = tokenizer.eos_token_id
     out = TokenColumns()
+    limit = _text_limit(tokenizer, max_seq_length)
     for first in range(0, len(examples), TOKENIZE_BATCH):  # bounded memory for rendered text
         batch = examples[first: first + TOKENIZE_BATCH]
-        rendered = [_example_text(ex, tokenizer, template, train_on_inputs) for ex in batch]
+        rendered = [_cut(_example_text(ex, tokenizer, template, train_on_inputs), limit) for ex in batch]
         encoded = tokenizer([text for text, _, _ in rendered], add_special_tokens=False,
                             return_offsets_mapping=True)
         for ex, (_text, spans, add_eos), ids, offsets in zip(batch, rendered, encoded["input_ids"],
