@@ -250,12 +250,25 @@ def _init_adapter(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
     if not job.init_adapter:
         return None
     with tracker.stage("model", "resolve_s"):
-        init = prepare_init_adapter(job.init_adapter, resolved.path,
-                                             settings.jobs_root / f".{tracker.job_id}.init-adapter",
-                                             settings, job.hyperparameters)
+        init = prepare_init_adapter(job.init_adapter, resolved.path, _init_workdir(settings, tracker.job_id),
+                                    settings, job.hyperparameters)
     for warning in init.warnings:
         logger.warning("init_adapter %s: %s", init.source, warning)
     return init
+
+
+def _init_workdir(settings: WorkerSettings, job_id: str) -> Path:
+    """Where a job's init adapter is fetched: removed on every exit path (``_scratch``)."""
+    return settings.jobs_root / f".{job_id}.init-adapter"
+
+
+@contextmanager
+def _scratch(folder: Path) -> Iterator[None]:
+    """Remove ``folder`` however the block ends: success, failure or cancel."""
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _plan_memory(job: TrainingJob, resolved: ResolvedModel, tracker: Tracker):
@@ -278,8 +291,8 @@ def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
         except ModelNotCached as miss:  # validation needs the tokenizer, never the weights
             located = fetch_metadata(miss, job.model_revision, settings)
     if located.source != "hub_metadata":  # an init adapter is checked against the base's weight shapes
-        _init_adapter(job, settings, tracker, located)
-        shutil.rmtree(settings.jobs_root / f".{tracker.job_id}.init-adapter", ignore_errors=True)
+        with _scratch(_init_workdir(settings, tracker.job_id)):
+            _init_adapter(job, settings, tracker, located)
     resolved, _, prepared = _prepare(job, settings, tracker, located)
     plan, _ = _plan_memory(job, resolved, tracker)
     return {"job_id": job.job_id, "status": "valid", "base_model": resolved.to_output(),
@@ -312,7 +325,8 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
         logger.info("job %s: the trained adapter at %s is complete; storing it without training again",
                     job_id, job_dir)
     else:
-        _train_into(job, settings, tracker, job_dir, cancel)
+        with _scratch(_init_workdir(settings, job_id)):
+            _train_into(job, settings, tracker, job_dir, cancel)
     for skipped in ("resolve_s", "dataset_s", "plan_s", "load_s", "train_s", "save_s"):
         tracker.timings.setdefault(skipped, 0.0)  # the output keeps its shape when a stage was not needed
 
@@ -397,7 +411,6 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
     with tracker.stage("save", "save_s"):
         _write_job_folder(job, resolved, prepared.report.to_dict(), result, job_dir, runtime, load, plan,
                           init=init)
-    shutil.rmtree(settings.jobs_root / f".{job_id}.init-adapter", ignore_errors=True)
     result.model = None  # saved: free the weights before the upload
 
 

@@ -190,11 +190,26 @@ class WorkerSettings(BaseSettings):
 
     @property
     def allowed_roots(self) -> tuple[Path, ...]:
-        """Folders an absolute path in a job may point into."""
+        """Folders an absolute path to data (a dataset, an init adapter) in a job may point into."""
         roots = [self.volume_root, self.models_root]
         if self.model_path is not None:
             roots.append(self.model_path)
         return tuple(dict.fromkeys(roots))
+
+    @property
+    def model_roots(self) -> tuple[Path, ...]:
+        """Folders a base model may come from: the operator's models root, the Hugging Face cache and
+        MODEL_PATH. Never the worker's own folders (``worker_owned_roots``), even when inside one of these."""
+        roots = [self.models_root, self.hf_cache_root]
+        if self.model_path is not None:
+            roots.append(self.model_path)
+        return tuple(dict.fromkeys(roots))
+
+    @property
+    def worker_owned_roots(self) -> dict[str, Path]:
+        """The folders the worker writes for jobs (what a job's input can bring onto the volume)."""
+        return {"jobs": self.jobs_root, "checkpoints": self.checkpoints_root, "artifacts": self.artifacts_root,
+                "staging": self.local_stage_dir}
 
     def with_s3_config(self, s3_config: object) -> WorkerSettings:
         """These settings with a request's ``s3Config`` (RunPod's per-request bucket) as the artifact
