@@ -317,6 +317,7 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     job_dir = settings.jobs_root / job_id
 
     with tracker.stage("upload", "upload_s", report=False):
+        store.claim(job.output.prefix, job_id)  # another job's place fails here, before any GPU minute
         stored = store.find_complete(job.output.prefix, job_id)
     if stored is not None:
         logger.info("job %s: already stored at %s; recording it without training again", job_id,
