@@ -37,7 +37,7 @@ from adapters.manifest import (
 )
 from config.job import TrainingJob
 from config.settings import WorkerSettings
-from errors import TrainingCancelled, TrainingError, WorkerError, scrub
+from errors import InputError, TrainingCancelled, TrainingError, WorkerError, scrub
 from files import describe_files, verify_files
 from model_resolver import (
     ModelNotCached,
@@ -147,6 +147,7 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
 
     records = open_records(settings)
     tracker = Tracker(job_id, records, notify, settings.progress_interval_s)
+    _refuse_another_request(job, settings, tracker, records)  # before the row changes: it stays as it was
     records.upsert_job(job_id, _started_row(job, settings))
     try:
         stored, record_id = _train(job, settings, tracker, records, cancel)
@@ -163,6 +164,74 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
             f"the adapter is stored at {stored.adapter_uri} and its artifact record is written: re-run the "
             "job with the same job_id to finish the job record without training again") from exc
     return output
+
+
+def request_fingerprint(job: TrainingJob, settings: WorkerSettings, dataset_sha256: str,
+                        eval_sha256: str | None) -> dict[str, Any]:
+    """What makes two deliveries of a job_id the same request (stored in the manifest as ``request``)."""
+    from adapters.fetch import shown_ref
+    from model_resolver import requested_model
+
+    return {"base_model": requested_model(job.base_model, settings), "model_revision": job.model_revision,
+            "dataset_sha256": dataset_sha256, "eval_dataset_sha256": eval_sha256,
+            "hyperparameters": job.hyperparameters.model_dump(mode="json"),
+            "init_adapter": shown_ref(job.init_adapter) if job.init_adapter else None,
+            "output_prefix": job.output.prefix}
+
+
+_SHOWN_KEYS = {"dataset_sha256": "dataset sha256", "eval_dataset_sha256": "eval dataset sha256",
+               "output_prefix": "output.prefix"}
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs, in words: ``hyperparameters.lora_r (8 then, 16 now)``. Only what both record."""
+    found = []
+    for key, old in before.items():
+        if key not in now:
+            continue
+        new = now[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += [f"{key}.{k} ({old.get(k)!r} then, {new.get(k)!r} now)"
+                      for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            shown = [v[:12] + "…" if isinstance(v, str) and key.endswith("sha256") else v for v in (old, new)]
+            found.append(f"{_SHOWN_KEYS.get(key, key)} ({shown[0]!r} then, {shown[1]!r} now)")
+    return found
+
+
+def _stored_request(manifest: AdapterManifest) -> dict[str, Any]:
+    """The request a stored adapter was made for; from its own fields when an older worker wrote it."""
+    if manifest.request is not None:
+        return manifest.request
+    return {"dataset_sha256": manifest.dataset.sha256, "hyperparameters": manifest.hyperparameters}
+
+
+def _request_differences(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
+                         manifest: AdapterManifest) -> list[str]:
+    """How this request differs from the one ``manifest``'s adapter was made for (reads the dataset)."""
+    from dataset_loader import read_dataset
+
+    with tracker.stage("dataset", "dataset_s", report=False):
+        report = read_dataset(job.dataset, settings, seed=job.hyperparameters.seed).report
+    return _differences(_stored_request(manifest),
+                        request_fingerprint(job, settings, report.sha256, report.eval_sha256))
+
+
+def _refuse_another_request(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
+                            records: Records) -> None:
+    """A job_id that already succeeded answers only the same request: another one is an input error."""
+    previous = records.get_job(tracker.job_id)
+    if not previous or previous.get("status") != "succeeded":
+        return
+    stored = open_artifact_store(settings).find_complete(job.output.prefix, tracker.job_id)
+    if stored is None:
+        return  # nothing to answer with (the artifact was removed): train again
+    differences = _request_differences(job, settings, tracker, stored.manifest)
+    if differences:
+        raise InputError(
+            f"job_id {tracker.job_id!r} already succeeded with a different request: {'; '.join(differences)}. "
+            "Send it with a new job_id to train again (the stored adapter is kept), or resend the same request "
+            "to get its result")
 
 
 def _started_row(job: TrainingJob, settings: WorkerSettings) -> JobUpdate:
@@ -319,10 +388,16 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     with tracker.stage("upload", "upload_s", report=False):
         store.claim(job.output.prefix, job_id)  # another job's place fails here, before any GPU minute
         stored = store.find_complete(job.output.prefix, job_id)
+    kept = stored.manifest if stored is not None else _complete_job_folder(job_dir)
+    if kept is not None and _request_differences(job, settings, tracker, kept):
+        # An earlier delivery that did not succeed, of another request: it starts over.
+        logger.info("job %s: the earlier attempt was another request; training anew", job_id)
+        stored = None
+        shutil.rmtree(job_dir, ignore_errors=True)
     if stored is not None:
         logger.info("job %s: already stored at %s; recording it without training again", job_id,
                     stored.adapter_uri)
-    elif _complete_job_folder(job_dir):
+    elif job_dir.exists() and _complete_job_folder(job_dir):
         logger.info("job %s: the trained adapter at %s is complete; storing it without training again",
                     job_id, job_dir)
     else:
@@ -352,19 +427,20 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     return stored, record_id
 
 
-def _complete_job_folder(job_dir: Path) -> bool:
-    """Whether an earlier delivery left a finished job folder: its manifest is there and verifies."""
+def _complete_job_folder(job_dir: Path) -> AdapterManifest | None:
+    """An earlier delivery's finished job folder: its adapter manifest, if the folder's manifest verifies."""
     try:
         manifest = load_manifest(job_dir)
-        if manifest is None or load_manifest(job_dir / "adapter") is None:
-            return False
+        adapter_manifest = load_manifest(job_dir / "adapter") if manifest is not None else None
+        if adapter_manifest is None:
+            return None
         problems = verify_files(job_dir, manifest.to_dict())
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("job folder %s is unreadable (%s); training again", job_dir, exc)
-        return False
+        return None
     if problems:
         logger.warning("job folder %s is incomplete (%s); training again", job_dir, "; ".join(problems[:3]))
-    return not problems
+    return None if problems else adapter_manifest
 
 
 def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, job_dir: Path,
@@ -410,8 +486,9 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
     tracker.timings["train_s"] = round(result.train_seconds, 3)
 
     with tracker.stage("save", "save_s"):
-        _write_job_folder(job, resolved, prepared.report.to_dict(), result, job_dir, runtime, load, plan,
-                          init=init)
+        report = prepared.report
+        _write_job_folder(job, resolved, report.to_dict(), result, job_dir, runtime, load, plan, init=init,
+                          request=request_fingerprint(job, settings, report.sha256, report.eval_sha256))
     result.model = None  # saved: free the weights before the upload
 
 
@@ -456,7 +533,8 @@ def _train_output(job_id: str, stored: StoredArtifact, record_id: str, timings: 
 
 
 def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, result, job_dir: Path,
-                      runtime, load, plan, init: InitAdapter | None = None) -> AdapterManifest:
+                      runtime, load, plan, init: InitAdapter | None = None,
+                      request: dict[str, Any] | None = None) -> AdapterManifest:
     """Model card, metrics, loss curve, then the manifests, last, into the job folder."""
     from training.report import write_training_report
 
@@ -477,6 +555,7 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
                              quantization=runtime.quantization),
         # what this adapter continued from; absent (not null) when it started fresh
         **({"init_adapter": InitAdapterEntry(**init.to_manifest())} if init is not None else {}),
+        request=request,
     )
     (result.adapter_dir / "README.md").write_text(render_model_card(manifest))
     write_training_report(result, job_dir)
