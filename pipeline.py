@@ -14,6 +14,7 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,7 +49,16 @@ from model_resolver import (
 )
 from models.staging import plan_loading
 from storage.artifacts import StoredArtifact, open_artifact_store
-from storage.records import ArtifactRow, JobUpdate, Records, now_iso, open_records
+from storage.records import (
+    ArtifactRow,
+    JobUpdate,
+    Records,
+    now_iso,
+    open_records,
+    request_differences,
+    request_fingerprint,
+    stored_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +155,40 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
     if job.action == "prefetch":
         return _prefetch(job, settings, Tracker(job_id, None, notify, settings.progress_interval_s))
 
+    with _job_lock(settings, job_id):  # a second live delivery waits here, touching nothing
+        return _run_train(job, settings, notify, cancel, started)
+
+
+@contextmanager
+def _job_lock(settings: WorkerSettings, job_id: str) -> Iterator[None]:
+    """One live delivery per job_id on this volume; another waits (JOB_LOCK_TIMEOUT_S), then is told
+    the job is running. Before any file or row of the job is touched, so the first keeps both."""
+    from filelock import FileLock, Timeout
+
+    path = settings.jobs_root / f".{job_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("job %s is running in another delivery: waiting up to %.0fs for it (lock %s)", job_id,
+                    settings.job_lock_timeout_s, path)
+        try:
+            lock.acquire(timeout=settings.job_lock_timeout_s)
+        except Timeout:
+            raise TrainingError(
+                f"job_id {job_id!r} is already running in another delivery (waited "
+                f"{settings.job_lock_timeout_s:.0f}s for it); its result will be in its job record, or send "
+                "the job again once it has finished to get the result", retryable=True) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_train(job: TrainingJob, settings: WorkerSettings, notify: Notify | None,
+               cancel: threading.Event | None, started: float) -> dict[str, Any]:
+    job_id = job.job_id or "job"
     records = open_records(settings)
     tracker = Tracker(job_id, records, notify, settings.progress_interval_s)
     _refuse_another_request(job, settings, tracker, records)  # before the row changes: it stays as it was
@@ -157,53 +201,14 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
     tracker.timings["total_s"] = round(time.monotonic() - started, 3)
     output = _train_output(job_id, stored, record_id, tracker.timings, _cost(tracker.timings, settings))
     try:
-        records.upsert_job(job_id, JobUpdate(status="succeeded", progress=1.0, stage="done", output=output,
-                                             finished_at=now_iso()))
+        # The final state, whole: a success clears any error an earlier write left.
+        records.upsert_job(job_id, JobUpdate(status="succeeded", progress=1.0, stage="done", error=None,
+                                             output=output, finished_at=now_iso()))
     except WorkerError as exc:
         raise exc.with_hint(
             f"the adapter is stored at {stored.adapter_uri} and its artifact record is written: re-run the "
             "job with the same job_id to finish the job record without training again") from exc
     return output
-
-
-def request_fingerprint(job: TrainingJob, settings: WorkerSettings, dataset_sha256: str,
-                        eval_sha256: str | None) -> dict[str, Any]:
-    """What makes two deliveries of a job_id the same request (stored in the manifest as ``request``)."""
-    from adapters.fetch import shown_ref
-    from model_resolver import requested_model
-
-    return {"base_model": requested_model(job.base_model, settings), "model_revision": job.model_revision,
-            "dataset_sha256": dataset_sha256, "eval_dataset_sha256": eval_sha256,
-            "hyperparameters": job.hyperparameters.model_dump(mode="json"),
-            "init_adapter": shown_ref(job.init_adapter) if job.init_adapter else None,
-            "output_prefix": job.output.prefix}
-
-
-_SHOWN_KEYS = {"dataset_sha256": "dataset sha256", "eval_dataset_sha256": "eval dataset sha256",
-               "output_prefix": "output.prefix"}
-
-
-def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """What differs, in words: ``hyperparameters.lora_r (8 then, 16 now)``. Only what both record."""
-    found = []
-    for key, old in before.items():
-        if key not in now:
-            continue
-        new = now[key]
-        if isinstance(old, dict) and isinstance(new, dict):
-            found += [f"{key}.{k} ({old.get(k)!r} then, {new.get(k)!r} now)"
-                      for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        elif old != new:
-            shown = [v[:12] + "…" if isinstance(v, str) and key.endswith("sha256") else v for v in (old, new)]
-            found.append(f"{_SHOWN_KEYS.get(key, key)} ({shown[0]!r} then, {shown[1]!r} now)")
-    return found
-
-
-def _stored_request(manifest: AdapterManifest) -> dict[str, Any]:
-    """The request a stored adapter was made for; from its own fields when an older worker wrote it."""
-    if manifest.request is not None:
-        return manifest.request
-    return {"dataset_sha256": manifest.dataset.sha256, "hyperparameters": manifest.hyperparameters}
 
 
 def _request_differences(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
@@ -213,7 +218,7 @@ def _request_differences(job: TrainingJob, settings: WorkerSettings, tracker: Tr
 
     with tracker.stage("dataset", "dataset_s", report=False):
         report = read_dataset(job.dataset, settings, seed=job.hyperparameters.seed).report
-    return _differences(_stored_request(manifest),
+    return request_differences(stored_request(manifest),
                         request_fingerprint(job, settings, report.sha256, report.eval_sha256))
 
 
@@ -314,21 +319,23 @@ def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resol
 
 
 def _init_adapter(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
-                  resolved: ResolvedModel) -> InitAdapter | None:
+                  resolved: ResolvedModel, workdir: Path | None = None) -> InitAdapter | None:
     """The adapter to continue from, fetched and verified against the base before any weight loads."""
     if not job.init_adapter:
         return None
     with tracker.stage("model", "resolve_s"):
-        init = prepare_init_adapter(job.init_adapter, resolved.path, _init_workdir(settings, tracker.job_id),
-                                    settings, job.hyperparameters)
+        init = prepare_init_adapter(job.init_adapter, resolved.path,
+                                    workdir or _init_workdir(settings, tracker.job_id), settings, job.hyperparameters)
     for warning in init.warnings:
         logger.warning("init_adapter %s: %s", init.source, warning)
     return init
 
 
-def _init_workdir(settings: WorkerSettings, job_id: str) -> Path:
-    """Where a job's init adapter is fetched: removed on every exit path (``_scratch``)."""
-    return settings.jobs_root / f".{job_id}.init-adapter"
+def _init_workdir(settings: WorkerSettings, job_id: str, *, own: bool = False) -> Path:
+    """Where a job's init adapter is fetched: removed on every exit path (``_scratch``). ``own``: a
+    folder of its own (``validate`` runs unlocked, beside a training delivery of the same job_id)."""
+    tag = f".{uuid.uuid4().hex[:8]}" if own else ""
+    return settings.jobs_root / f".{job_id}{tag}.init-adapter"
 
 
 @contextmanager
@@ -360,8 +367,9 @@ def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
         except ModelNotCached as miss:  # validation needs the tokenizer, never the weights
             located = fetch_metadata(miss, job.model_revision, settings)
     if located.source != "hub_metadata":  # an init adapter is checked against the base's weight shapes
-        with _scratch(_init_workdir(settings, tracker.job_id)):
-            _init_adapter(job, settings, tracker, located)
+        workdir = _init_workdir(settings, tracker.job_id, own=True)
+        with _scratch(workdir):
+            _init_adapter(job, settings, tracker, located, workdir)
     resolved, _, prepared = _prepare(job, settings, tracker, located)
     plan, _ = _plan_memory(job, resolved, tracker)
     return {"job_id": job.job_id, "status": "valid", "base_model": resolved.to_output(),

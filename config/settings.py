@@ -108,6 +108,8 @@ class WorkerSettings(BaseSettings):
     gpu_hourly_usd: float | None = Field(default=None, ge=0)
     max_train_seconds: float | None = Field(default=None, gt=0)
     progress_interval_s: float = Field(default=5.0, ge=0)
+    # A second live delivery of a job_id waits this long for the first, then reports it as running.
+    job_lock_timeout_s: float = Field(default=30.0, ge=0)
     max_dataset_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_inline_records: int = Field(default=10_000, gt=0)
     # --- dataset sources -----------------------------------------------------------------------

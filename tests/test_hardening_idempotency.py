@@ -63,3 +63,72 @@ def test_a_failed_job_sent_again_with_another_request_starts_over(volume, monkey
     retried = handler.handler(_job(hyperparameters={"lora_r": 4}))
     assert retried["status"] == "succeeded", retried
     assert retried["lora"]["r"] == 4  # trained anew, not the kept rank-8 adapter
+
+
+# --- finding 7: two live deliveries of one job_id ---------------------------------------------------
+
+
+def _hold_first_training(monkeypatch):
+    """The first delivery stops at its first training step until released."""
+    import threading
+
+    import pipeline
+
+    started, release = threading.Event(), threading.Event()
+    real = pipeline.Tracker.on_train_progress
+
+    def held(self, event):
+        if not started.is_set():
+            started.set()
+            assert release.wait(120)
+        real(self, event)
+
+    monkeypatch.setattr(pipeline.Tracker, "on_train_progress", held)
+    return started, release
+
+
+@pytest.mark.parametrize("wait_s, second_answer", [("0.5", "running"), ("120", "stored")])
+def test_a_second_live_delivery_never_touches_the_first(volume, monkeypatch, wait_s, second_answer):
+    import threading
+
+    monkeypatch.setenv("JOB_LOCK_TIMEOUT_S", wait_s)
+    handler.get_settings.cache_clear()
+    started, release = _hold_first_training(monkeypatch)
+    results: dict[str, dict] = {}
+    first = threading.Thread(target=lambda: results.__setitem__("first", handler.handler(_job())))
+    first.start()
+    assert started.wait(120)
+    second = threading.Thread(target=lambda: results.__setitem__("second", handler.handler(_job())))
+    second.start()
+    if second_answer == "running":
+        second.join(60)
+        assert results["second"]["error"].startswith("train: job_id 'idem' is already running"), results
+        row = SqliteRecords(volume / "records.sqlite3").get_job("idem")
+        assert row["status"] == "running" and row["error"] is None  # the first's row, untouched
+    release.set()
+    first.join(120)
+    second.join(120)
+    assert results["first"]["status"] == "succeeded", results["first"]
+    if second_answer == "stored":
+        assert results["second"]["status"] == "succeeded", results["second"]
+        assert results["second"]["adapter"] == results["first"]["adapter"]
+    row = SqliteRecords(volume / "records.sqlite3").get_job("idem")
+    assert row["status"] == "succeeded" and row["error"] is None and row["stage"] == "done"
+
+
+def test_a_success_clears_an_error_written_while_it_ran(volume, monkeypatch):
+    """Whatever wrote an error meanwhile (an older worker, a lost write), the final row is the final state."""
+    started, release = _hold_first_training(monkeypatch)
+    import threading
+
+    results = {}
+    first = threading.Thread(target=lambda: results.__setitem__("first", handler.handler(_job())))
+    first.start()
+    assert started.wait(120)
+    records = SqliteRecords(volume / "records.sqlite3")
+    records.upsert_job("idem", {"error": "train: unexpected FileNotFoundError", "status": "failed"})
+    release.set()
+    first.join(120)
+    assert results["first"]["status"] == "succeeded", results
+    row = records.get_job("idem")
+    assert (row["status"], row["error"], row["progress"]) == ("succeeded", None, 1.0)
