@@ -28,6 +28,7 @@ import json
 import logging
 import mimetypes
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -471,8 +472,9 @@ class S3ArtifactStore:
         elif code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"):
             reason = f"the bytes the server received do not match their sha256 ({code})"
         elif code:
-            message = getattr(exc, "response", {}).get("Error", {}).get("Message") or ""
-            reason = f"{code}: {message}".rstrip(": ")
+            # The code only, and only when it looks like one: the message and body are the endpoint's
+            # words, which a request's endpoint could fill with anything it wants shown.
+            reason = f"the store answered {code if _PLAIN_CODE.match(code) else 'an unexpected error'}"
         else:
             reason = f"{self.endpoint} did not answer after retries ({type(exc).__name__}: {exc})"
         return StorageError(f"could not {action} {self._uri(key)}: {reason}")
@@ -480,6 +482,9 @@ class S3ArtifactStore:
 
 def is_inside(path: Path, root: Path) -> bool:
     return path != root and root in path.parents
+
+
+_PLAIN_CODE = re.compile(r"^[A-Za-z0-9]{1,48}$")
 
 
 def _code(exc: BaseException) -> str:
