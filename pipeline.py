@@ -228,10 +228,16 @@ def _refuse_another_request(job: TrainingJob, settings: WorkerSettings, tracker:
     previous = records.get_job(tracker.job_id)
     if not previous or previous.get("status") != "succeeded":
         return
-    stored = open_artifact_store(settings).find_complete(job.output.prefix, tracker.job_id)
-    if stored is None:
-        return  # nothing to answer with (the artifact was removed): train again
-    differences = _request_differences(job, settings, tracker, stored.manifest)
+    # The artifact record, not the store at this request's prefix: another prefix is another request
+    # (one job_id owns one place), not a job never seen.
+    artifact = records.get_artifact(tracker.job_id)
+    try:
+        manifest = AdapterManifest.model_validate(artifact["manifest"]) if artifact else None
+    except (ValueError, TypeError, KeyError):
+        manifest = None
+    if manifest is None:
+        return  # nothing to compare with (no artifact record): train again
+    differences = _request_differences(job, settings, tracker, manifest)
     if differences:
         raise InputError(
             f"job_id {tracker.job_id!r} already succeeded with a different request: {'; '.join(differences)}. "

@@ -35,6 +35,10 @@ def test_the_same_request_returns_the_stored_result_and_a_different_one_is_refus
     assert "hyperparameters.lora_r (8 then, 16 now)" in other["error"]
     assert "hyperparameters.epochs (2.0 then, 1.0 now)" in other["error"]
 
+    moved = handler.handler(_job(output={"prefix": "elsewhere"}))  # one job_id owns one place
+    assert moved["error"].startswith("input: job_id 'idem' already succeeded"), moved
+    assert "output.prefix ('' then, 'elsewhere' now)" in moved["error"]
+
     # The user fixed the data at the same place and retried with the same id: told, not handed the old adapter.
     data = volume / "datasets" / "capitals.jsonl"
     data.write_text("\n".join(data.read_text().splitlines()[1:]) + "\n")
