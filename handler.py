@@ -27,15 +27,7 @@ from pydantic import ValidationError
 
 from config.job import TrainingJob, format_validation_error
 from config.settings import WorkerSettings, settings_error_group
-from errors import (
-    InputError,
-    RecordError,
-    ScrubFilter,
-    StorageError,
-    WorkerError,
-    job_secrets,
-    scrub,
-)
+from errors import InputError, RecordError, ScrubFilter, StorageError, WorkerError, job_secrets, scrub
 
 logger = logging.getLogger("handler")
 
@@ -129,9 +121,37 @@ def _job_settings(job: dict[str, Any], settings: WorkerSettings) -> WorkerSettin
     if job.get("s3Config") is None:
         return settings
     try:
-        return settings.with_s3_config(job["s3Config"])
+        job_settings = settings.with_s3_config(job["s3Config"])
     except ValueError as exc:
         raise StorageError(str(exc), retryable=False) from None
+    if job_settings.s3_endpoint_url and job_settings.s3_endpoint_url != settings.s3_endpoint_url:
+        _check_request_endpoint(job_settings.s3_endpoint_url, settings.allow_private_urls)
+    return job_settings
+
+
+def _check_request_endpoint(url: str, allow_private: bool) -> None:
+    """A request's S3 endpoint gets the address policy of every URL the worker opens (data/http.py):
+    no loopback or private network unless ALLOW_PRIVATE_URLS, never link-local (cloud metadata).
+    The environment's own S3_ENDPOINT_URL is the operator's choice and is not checked."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from data.http import check_address, display_url
+
+    shown = display_url(url)
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        addresses = list(dict.fromkeys(i[4][0] for i in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+    except (ValueError, OSError, UnicodeError):
+        raise StorageError(f"the request's s3Config.endpointUrl {shown} cannot be resolved; check the URL",
+                           retryable=True) from None
+    for address in addresses:
+        why = check_address(address, allow_private)
+        if why is not None:
+            raise StorageError(f"the request's s3Config.endpointUrl {shown} points at {address}, {why}. A "
+                               "request's S3 endpoint must be a public address (the endpoint's own "
+                               "S3_ENDPOINT_URL may be private)", retryable=False)
 
 
 def _run(request: TrainingJob, settings: WorkerSettings, job: dict[str, Any],

@@ -29,13 +29,7 @@ from typing import Any
 from config.settings import WorkerSettings
 from errors import InputError, ModelError
 from files import check_inside, is_within
-from models.cache import (
-    SHA,
-    SHORT_SHA,
-    cache_folder_name,
-    cache_identity,
-    cached_snapshot,
-)
+from models.cache import SHA, SHORT_SHA, cache_folder_name, cache_identity, cached_snapshot
 from models.folder import NEEDED_FILES, check_model_folder, folder_bytes
 from models.hub import check_remote_code, download_model, hub_api, hub_call, probe_hub
 from models.signature import ModelSignature, read_marker, read_signature
@@ -104,17 +98,29 @@ def requested_model(base_model: str | None, settings: WorkerSettings) -> str:
 
 
 def _canonical_id(folder: Path, settings: WorkerSettings) -> str:
-    """The repo id a local folder holds: its marker, its cache folder name, or its place under the models root."""
-    marker = read_marker(folder)
-    if marker.get("repo_id"):
-        return str(marker["repo_id"])
+    """The repo id a local folder holds (see ``_identity``)."""
+    return _identity(folder, settings)[0]
+
+
+def _identity(folder: Path, settings: WorkerSettings) -> tuple[str, str]:
+    """(the repo id a local folder holds, the name its remote code may be trusted under).
+
+    The id comes from where the folder is before what it says about itself: a snapshot in the Hugging
+    Face cache is the repo its path names, whatever files it holds. A ``.worker-model.json`` marker
+    names the model of a folder the operator put under the models root or at MODEL_PATH (places no job
+    can write: ``_refuse_worker_owned``), but never decides trust: remote code runs only for the
+    repo id of a cache snapshot, the folder's path under the models root, or its absolute path —
+    names that come from the folder's place, which the folder cannot forge.
+    """
     cached_id, _ = cache_identity(folder)
     if cached_id is not None:
-        return cached_id
+        return cached_id, cached_id
     root = settings.models_root.resolve()
-    if is_within(folder, root) and folder != root:
-        return folder.relative_to(root).as_posix()
-    return folder.name
+    located = folder.relative_to(root).as_posix() if is_within(folder, root) and folder != root else str(folder)
+    marker = read_marker(folder)
+    if marker.get("repo_id"):
+        return str(marker["repo_id"]), located
+    return (located if located != str(folder) else folder.name), located
 
 
 def _holds(folder: Path, requested: str, settings: WorkerSettings) -> bool:
@@ -139,17 +145,19 @@ def _found(folder: Path, source: str, settings: WorkerSettings, revision: str | 
     if problems:
         raise ModelError(f"{folder} is not a complete model folder: {'; '.join(problems[:3])}; re-run prefetch "
                          "or copy the whole model there")
-    if recorded is None:  # a folder on the volume: its marker (if any) says which commit it holds
-        recorded = read_marker(folder).get("revision")
+    if recorded is None:  # a folder on the volume: its cache path or its marker says which commit it holds
+        recorded = cache_identity(folder)[1] or read_marker(folder).get("revision")
         pinned = bool(revision and (SHA.match(revision) or SHORT_SHA.match(revision)))
         if pinned and recorded and not str(recorded).startswith(revision):
             raise ModelError(
                 f"model_revision {revision!r} was asked for, but {folder} holds commit {recorded}; "
                 "prefetch that revision or drop model_revision"
             )
-    model_id = model_id or _canonical_id(folder, settings)
+    shown_id, trust_id = _identity(folder, settings)
+    model_id = model_id or shown_id
     signature = read_signature(folder)
-    trust = check_remote_code(json.loads((folder / "config.json").read_text()), model_id, settings)
+    trust = check_remote_code(json.loads((folder / "config.json").read_text()),
+                              model_id if source in ("hf_cache", "download") else trust_id, settings)
     resolved = ResolvedModel(
         id=model_id,
         revision=str(recorded) if recorded else revision,
@@ -166,6 +174,28 @@ def _found(folder: Path, source: str, settings: WorkerSettings, revision: str | 
     return resolved
 
 
+def _refuse_worker_owned(folder: Path, requested: str, settings: WorkerSettings, what: str) -> None:
+    """A base model never comes from a folder the worker writes for jobs: what a job fetched or trained
+    there (an init adapter's files, an adapter, a checkpoint) would become another job's model."""
+    for name, root in settings.worker_owned_roots.items():
+        if is_within(folder, root.resolve()):
+            raise InputError(f"{what} {requested!r} is inside the worker's own {name} folder ({root}), which "
+                             "holds what jobs bring and make; put models under the models root "
+                             f"({settings.models_root}), in the Hugging Face cache or at MODEL_PATH")
+
+
+def _refuse_foreign_cache_folder(folder: Path, requested: str, settings: WorkerSettings) -> None:
+    """Inside the Hugging Face cache only a model snapshot (``models--org--name/snapshots/<sha>``) is a
+    model: dataset repos and adapters fetched for jobs land in the same cache."""
+    cache = settings.hf_cache_root.resolve()
+    others = [r.resolve() for r in (settings.models_root, settings.model_path) if r is not None]
+    if not is_within(folder, cache) or any(is_within(folder, r) for r in others if not is_within(r, cache)):
+        return
+    if cache_identity(folder)[0] is None:
+        raise InputError(f"base_model path {requested!r} is inside the Hugging Face cache but is not a model "
+                         "snapshot (models--org--name/snapshots/<commit>); name the repo id instead")
+
+
 def _unverifiable(folder: Path, revision: str | None) -> bool:
     """A commit pin cannot be checked against a folder that records no commit: don't use it."""
     return bool(revision and (SHA.match(revision) or SHORT_SHA.match(revision))
@@ -178,7 +208,9 @@ def resolve_model(base_model: str | None, revision: str | None, settings: Worker
     requested = requested_model(base_model, settings)
 
     if requested.startswith("/"):
-        folder = check_inside(requested, settings.allowed_roots, "base_model path")
+        folder = check_inside(requested, settings.model_roots, "base_model path")
+        _refuse_worker_owned(folder, requested, settings, "base_model path")
+        _refuse_foreign_cache_folder(folder, requested, settings)
         source = "model_path" if settings.model_path and folder == settings.model_path.resolve() else "volume"
         if not folder.is_dir():
             raise ModelError(f"base_model path {requested} does not exist on this worker's volume")
@@ -186,13 +218,15 @@ def resolve_model(base_model: str | None, revision: str | None, settings: Worker
 
     looked = []
     candidate = settings.models_root / requested
-    check_inside(str(candidate), (settings.models_root,), "base_model")
+    _refuse_worker_owned(check_inside(str(candidate), (settings.models_root,), "base_model"), requested,
+                         settings, "base_model")
     if (candidate / "config.json").is_file() and not _unverifiable(candidate, revision):
         return _found(candidate.resolve(), "volume", settings, revision, started)
     looked.append(str(candidate))
 
     model_path = settings.model_path
     if model_path is not None and model_path.is_dir():
+        _refuse_worker_owned(model_path.resolve(), str(model_path), settings, "MODEL_PATH")
         if _holds(model_path, requested, settings) and not _unverifiable(model_path, revision):
             return _found(model_path, "model_path", settings, revision, started)
         logger.info("MODEL_PATH %s holds %s, not the requested %s: not using it",

@@ -14,10 +14,11 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from adapters.init import InitAdapter, prepare_init_adapter
 from adapters.manifest import (
@@ -37,7 +38,7 @@ from adapters.manifest import (
 )
 from config.job import TrainingJob
 from config.settings import WorkerSettings
-from errors import TrainingCancelled, TrainingError, WorkerError, scrub
+from errors import InputError, TrainingCancelled, TrainingError, WorkerError, scrub
 from files import describe_files, verify_files
 from model_resolver import (
     ModelNotCached,
@@ -48,87 +49,20 @@ from model_resolver import (
 )
 from models.staging import plan_loading
 from storage.artifacts import StoredArtifact, open_artifact_store
-from storage.records import ArtifactRow, JobUpdate, Records, now_iso, open_records
+from storage.records import (
+    ArtifactRow,
+    JobUpdate,
+    Records,
+    now_iso,
+    open_records,
+    request_differences,
+    request_fingerprint,
+    stored_request,
+)
+from tracker import Notify, Tracker
 from training.base_cache import BaseLease, BaseModelCache, base_key
 
 logger = logging.getLogger(__name__)
-
-Notify = Callable[[dict[str, Any]], None]
-
-# Where each stage starts on the job's 0..1 progress bar; training fills the span up to "save".
-STAGE_PROGRESS = {"model": 0.01, "dataset": 0.03, "train": 0.05, "save": 0.92, "upload": 0.94,
-                  "record": 0.98}
-# A progress update's keys (what RunPod gets) → the job row's columns.
-PROGRESS_COLUMNS = (("progress", "progress"), ("step", "current_step"), ("total_steps", "total_steps"),
-                    ("loss", "last_loss"), ("stage", "stage"))
-
-
-class Tracker:
-    """Times stages, and sends progress to RunPod and the job row, throttled for training steps."""
-
-    def __init__(self, job_id: str, records: Records | None, notify: Notify | None, interval_s: float):
-        self.job_id = job_id
-        self.records = records
-        self.notify = notify
-        self.interval_s = interval_s
-        self.timings: dict[str, float] = {}
-        self.current = "input"
-        self._last_sent = 0.0
-
-    @contextmanager
-    def stage(self, name: str, timing: str, *, report: bool = True) -> Iterator[None]:
-        self.current = name
-        if report:
-            self.send({"stage": name, "progress": STAGE_PROGRESS.get(name, 0.0)}, force=True)
-        started = time.monotonic()
-        try:
-            yield
-        except WorkerError:
-            raise
-        except Exception as exc:  # an unexpected failure still belongs to a stage
-            where = _innermost_frame(exc)
-            raise WorkerError(f"unexpected {type(exc).__name__} ({where}): {exc}", stage=name) from exc
-        finally:
-            self.timings[timing] = round(self.timings.get(timing, 0.0) + time.monotonic() - started, 3)
-
-    def send(self, update: dict[str, Any], *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_sent < self.interval_s:
-            return
-        self._last_sent = now
-        update = {"job_id": self.job_id, **update}
-        if self.notify is not None:
-            self.notify(update)
-        if self.records is None:
-            return
-        row = JobUpdate(**{column: update[key] for key, column in PROGRESS_COLUMNS if update.get(key) is not None})
-        try:
-            self.records.upsert_job(self.job_id, row)
-        except WorkerError as exc:  # a progress row is not worth failing a paid training run for
-            logger.warning("progress record not written: %s", exc)
-
-    def on_train_progress(self, event) -> None:
-        fraction = event.step / event.total_steps if event.total_steps else 0.0
-        span = STAGE_PROGRESS["save"] - STAGE_PROGRESS["train"]
-        logger.info("step=%d/%d loss=%.4f lr=%.2e tok/s=%s", event.step, event.total_steps,
-                    event.loss, event.learning_rate or 0.0,
-                    f"{event.tokens_per_second:.0f}" if event.tokens_per_second else "?")
-        self.send({
-            "stage": "train",
-            "progress": round(STAGE_PROGRESS["train"] + span * fraction, 4),
-            "step": event.step, "total_steps": event.total_steps, "loss": event.loss,
-            "learning_rate": event.learning_rate, "tokens_per_second": event.tokens_per_second,
-            "eta_s": round(event.eta_s, 1) if event.eta_s is not None else None,
-        }, force=event.step == event.total_steps)
-
-
-def _innermost_frame(exc: BaseException) -> str:
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return "unknown location"
-    return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
 
 
 def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None,
@@ -147,8 +81,44 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
     if job.action == "prefetch":
         return _prefetch(job, settings, Tracker(job_id, None, notify, settings.progress_interval_s))
 
+    with _job_lock(settings, job_id):  # a second live delivery waits here, touching nothing
+        return _run_train(job, settings, notify, cancel, started, base_cache)
+
+
+@contextmanager
+def _job_lock(settings: WorkerSettings, job_id: str) -> Iterator[None]:
+    """One live delivery per job_id on this volume; another waits (JOB_LOCK_TIMEOUT_S), then is told
+    the job is running. Before any file or row of the job is touched, so the first keeps both."""
+    from filelock import FileLock, Timeout
+
+    path = settings.jobs_root / f".{job_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("job %s is running in another delivery: waiting up to %.0fs for it (lock %s)", job_id,
+                    settings.job_lock_timeout_s, path)
+        try:
+            lock.acquire(timeout=settings.job_lock_timeout_s)
+        except Timeout:
+            raise TrainingError(
+                f"job_id {job_id!r} is already running in another delivery (waited "
+                f"{settings.job_lock_timeout_s:.0f}s for it); its result will be in its job record, or send "
+                "the job again once it has finished to get the result", retryable=True) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_train(job: TrainingJob, settings: WorkerSettings, notify: Notify | None,
+               cancel: threading.Event | None, started: float,
+               base_cache: BaseModelCache | None) -> dict[str, Any]:
+    job_id = job.job_id or "job"
     records = open_records(settings)
     tracker = Tracker(job_id, records, notify, settings.progress_interval_s)
+    _refuse_another_request(job, settings, tracker, records)  # before the row changes: it stays as it was
     records.upsert_job(job_id, _started_row(job, settings))
     try:
         stored, record_id = _train(job, settings, tracker, records, cancel, base_cache)
@@ -158,13 +128,48 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
     tracker.timings["total_s"] = round(time.monotonic() - started, 3)
     output = _train_output(job_id, stored, record_id, tracker.timings, _cost(tracker.timings, settings))
     try:
-        records.upsert_job(job_id, JobUpdate(status="succeeded", progress=1.0, stage="done", output=output,
-                                             finished_at=now_iso()))
+        # The final state, whole: a success clears any error an earlier write left.
+        records.upsert_job(job_id, JobUpdate(status="succeeded", progress=1.0, stage="done", error=None,
+                                             output=output, finished_at=now_iso()))
     except WorkerError as exc:
         raise exc.with_hint(
             f"the adapter is stored at {stored.adapter_uri} and its artifact record is written: re-run the "
             "job with the same job_id to finish the job record without training again") from exc
     return output
+
+
+def _request_differences(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
+                         manifest: AdapterManifest) -> list[str]:
+    """How this request differs from the one ``manifest``'s adapter was made for (reads the dataset)."""
+    from dataset_loader import read_dataset
+
+    with tracker.stage("dataset", "dataset_s", report=False):
+        report = read_dataset(job.dataset, settings, seed=job.hyperparameters.seed).report
+    return request_differences(stored_request(manifest),
+                        request_fingerprint(job, settings, report.sha256, report.eval_sha256))
+
+
+def _refuse_another_request(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
+                            records: Records) -> None:
+    """A job_id that already succeeded answers only the same request: another one is an input error."""
+    previous = records.get_job(tracker.job_id)
+    if not previous or previous.get("status") != "succeeded":
+        return
+    # The artifact record, not the store at this request's prefix: another prefix is another request
+    # (one job_id owns one place), not a job never seen.
+    artifact = records.get_artifact(tracker.job_id)
+    try:
+        manifest = AdapterManifest.model_validate(artifact["manifest"]) if artifact else None
+    except (ValueError, TypeError, KeyError):
+        manifest = None
+    if manifest is None:
+        return  # nothing to compare with (no artifact record): train again
+    differences = _request_differences(job, settings, tracker, manifest)
+    if differences:
+        raise InputError(
+            f"job_id {tracker.job_id!r} already succeeded with a different request: {'; '.join(differences)}. "
+            "Send it with a new job_id to train again (the stored adapter is kept), or resend the same request "
+            "to get its result")
 
 
 def _started_row(job: TrainingJob, settings: WorkerSettings) -> JobUpdate:
@@ -247,17 +252,32 @@ def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resol
 
 
 def _init_adapter(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
-                  resolved: ResolvedModel) -> InitAdapter | None:
+                  resolved: ResolvedModel, workdir: Path | None = None) -> InitAdapter | None:
     """The adapter to continue from, fetched and verified against the base before any weight loads."""
     if not job.init_adapter:
         return None
     with tracker.stage("model", "resolve_s"):
         init = prepare_init_adapter(job.init_adapter, resolved.path,
-                                             settings.jobs_root / f".{tracker.job_id}.init-adapter",
-                                             settings, job.hyperparameters)
+                                    workdir or _init_workdir(settings, tracker.job_id), settings, job.hyperparameters)
     for warning in init.warnings:
         logger.warning("init_adapter %s: %s", init.source, warning)
     return init
+
+
+def _init_workdir(settings: WorkerSettings, job_id: str, *, own: bool = False) -> Path:
+    """Where a job's init adapter is fetched: removed on every exit path (``_scratch``). ``own``: a
+    folder of its own (``validate`` runs unlocked, beside a training delivery of the same job_id)."""
+    tag = f".{uuid.uuid4().hex[:8]}" if own else ""
+    return settings.jobs_root / f".{job_id}{tag}.init-adapter"
+
+
+@contextmanager
+def _scratch(folder: Path) -> Iterator[None]:
+    """Remove ``folder`` however the block ends: success, failure or cancel."""
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _plan_memory(job: TrainingJob, resolved: ResolvedModel, tracker: Tracker):
@@ -280,8 +300,9 @@ def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
         except ModelNotCached as miss:  # validation needs the tokenizer, never the weights
             located = fetch_metadata(miss, job.model_revision, settings)
     if located.source != "hub_metadata":  # an init adapter is checked against the base's weight shapes
-        _init_adapter(job, settings, tracker, located)
-        shutil.rmtree(settings.jobs_root / f".{tracker.job_id}.init-adapter", ignore_errors=True)
+        workdir = _init_workdir(settings, tracker.job_id, own=True)
+        with _scratch(workdir):
+            _init_adapter(job, settings, tracker, located, workdir)
     resolved, _, prepared = _prepare(job, settings, tracker, located)
     plan, _ = _plan_memory(job, resolved, tracker)
     return {"job_id": job.job_id, "status": "valid", "base_model": resolved.to_output(),
@@ -307,15 +328,23 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     job_dir = settings.jobs_root / job_id
 
     with tracker.stage("upload", "upload_s", report=False):
+        store.claim(job.output.prefix, job_id)  # another job's place fails here, before any GPU minute
         stored = store.find_complete(job.output.prefix, job_id)
+    kept = stored.manifest if stored is not None else _complete_job_folder(job_dir)
+    if kept is not None and _request_differences(job, settings, tracker, kept):
+        # An earlier delivery that did not succeed, of another request: it starts over.
+        logger.info("job %s: the earlier attempt was another request; training anew", job_id)
+        stored = None
+        shutil.rmtree(job_dir, ignore_errors=True)
     if stored is not None:
         logger.info("job %s: already stored at %s; recording it without training again", job_id,
                     stored.adapter_uri)
-    elif _complete_job_folder(job_dir):
+    elif job_dir.exists() and _complete_job_folder(job_dir):
         logger.info("job %s: the trained adapter at %s is complete; storing it without training again",
                     job_id, job_dir)
     else:
-        _train_into(job, settings, tracker, job_dir, cancel, base_cache)
+        with _scratch(_init_workdir(settings, job_id)):
+            _train_into(job, settings, tracker, job_dir, cancel, base_cache)
     for skipped in ("resolve_s", "dataset_s", "plan_s", "load_s", "train_s", "save_s"):
         tracker.timings.setdefault(skipped, 0.0)  # the output keeps its shape when a stage was not needed
 
@@ -340,19 +369,20 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     return stored, record_id
 
 
-def _complete_job_folder(job_dir: Path) -> bool:
-    """Whether an earlier delivery left a finished job folder: its manifest is there and verifies."""
+def _complete_job_folder(job_dir: Path) -> AdapterManifest | None:
+    """An earlier delivery's finished job folder: its adapter manifest, if the folder's manifest verifies."""
     try:
         manifest = load_manifest(job_dir)
-        if manifest is None or load_manifest(job_dir / "adapter") is None:
-            return False
+        adapter_manifest = load_manifest(job_dir / "adapter") if manifest is not None else None
+        if adapter_manifest is None:
+            return None
         problems = verify_files(job_dir, manifest.to_dict())
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("job folder %s is unreadable (%s); training again", job_dir, exc)
-        return False
+        return None
     if problems:
         logger.warning("job folder %s is incomplete (%s); training again", job_dir, "; ".join(problems[:3]))
-    return not problems
+    return None if problems else adapter_manifest
 
 
 def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, job_dir: Path,
@@ -403,9 +433,10 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
     tracker.timings["train_s"] = round(result.train_seconds, 3)
 
     with tracker.stage("save", "save_s"):
-        _write_job_folder(job, resolved, prepared.report.to_dict(), result, job_dir, runtime, load, plan,
-                          init=init, reused=reused)
-    shutil.rmtree(settings.jobs_root / f".{job_id}.init-adapter", ignore_errors=True)
+        report = prepared.report
+        _write_job_folder(job, resolved, report.to_dict(), result, job_dir, runtime, load, plan, init=init,
+                          reused=reused,
+                          request=request_fingerprint(job, settings, report.sha256, report.eval_sha256))
     result.model = None  # saved: free the weights before the upload
 
 
@@ -473,7 +504,8 @@ def _plan_with_measurement(plan, result) -> dict[str, Any]:
 
 
 def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, result, job_dir: Path,
-                      runtime, load, plan, init: InitAdapter | None = None, reused: bool = False) -> AdapterManifest:
+                      runtime, load, plan, init: InitAdapter | None = None, reused: bool = False,
+                      request: dict[str, Any] | None = None) -> AdapterManifest:
     """Model card, metrics, loss curve, then the manifests, last, into the job folder."""
     from training.report import write_training_report
 
@@ -495,6 +527,7 @@ def _write_job_folder(job: TrainingJob, resolved: ResolvedModel, report: dict, r
                              kernels=result.kernels),
         # what this adapter continued from; absent (not null) when it started fresh
         **({"init_adapter": InitAdapterEntry(**init.to_manifest())} if init is not None else {}),
+        request=request,
     )
     (result.adapter_dir / "README.md").write_text(render_model_card(manifest))
     write_training_report(result, job_dir)

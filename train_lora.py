@@ -24,27 +24,10 @@ from dataset_loader import PreparedDataset, load_tokenizer
 from errors import TrainingError, WorkerError
 from files import write_json_atomic
 from training.base_cache import BaseLease
-from training.callbacks import (
-    ProgressCallback,
-    StopControl,
-    raise_if_stopped,
-    tensorboard_callback,
-)
-from training.checkpoints import (
-    CheckpointKeeper,
-    find_resume_checkpoint,
-    run_signature,
-    step_of,
-)
+from training.callbacks import ProgressCallback, StopControl, raise_if_stopped, tensorboard_callback
+from training.checkpoints import CheckpointKeeper, find_resume_checkpoint, run_signature, step_of
 from training.kernels import detect_kernels, kernels_in_use
-from training.launch import (
-    PROGRESS_PREFIX,
-    RESULT_NAME,
-    STOP_NAME,
-    launch_dir,
-    load_dataset,
-    rank_failure,
-)
+from training.launch import PROGRESS_PREFIX, RESULT_NAME, STOP_NAME, launch_dir, load_dataset, rank_failure
 from training.loading import load_base_model
 from training.memory_plan import measure_loaded
 from training.peft_setup import apply_lora

@@ -7,15 +7,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from adapters.manifest import read_manifest
-from adapters.verify import (
-    ADAPTER_CONFIG_NAME,
-    AdapterInfo,
-    BaseInfo,
-    Verdict,
-    read_adapter,
-    read_base,
-    verify_adapter,
-)
+from adapters.verify import ADAPTER_CONFIG_NAME, AdapterInfo, BaseInfo, Verdict, read_adapter, read_base, verify_adapter
 from config.settings import WorkerSettings
 from data.http import Rules, check_url, open_url
 from errors import InputError, StorageError, scrub

@@ -48,6 +48,16 @@ def prepare_init_adapter(ref: str, base_dir: Path, workdir: Path, settings: Work
     workdir.mkdir(parents=True)
     source = shown_ref(ref)
     try:
+        return _verify(ref, folder_ref, source, base_dir, workdir, settings, hp)
+    except BaseException:
+        # Whatever was fetched goes with the failure: files a job brought must not outlive it.
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _verify(ref: str, folder_ref: str, source: str, base_dir: Path, workdir: Path, settings: WorkerSettings,
+            hp: Hyperparameters | None) -> InitAdapter:
+    try:
         verdict, adapter, _ = check_pair(folder_ref, str(base_dir), workdir, settings=settings,
                                          cache_dir=settings.hf_cache_root / "hub")
     except StorageError as exc:

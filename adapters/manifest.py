@@ -162,6 +162,8 @@ class AdapterManifest(_Section):
     memory_plan: dict[str, Any] | None = None
     runtime: RuntimeEntry | None = None
     init_adapter: InitAdapterEntry | None = None
+    # The request that made it (pipeline.request_fingerprint): what a re-delivered job_id is compared with.
+    request: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest.json form: the keys that were set (or read), in the order consumers know."""

@@ -8,6 +8,7 @@ field, the value received and the fix. Nothing here touches the filesystem or th
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import types
 from typing import Any, Literal, Union, get_args, get_origin
@@ -34,9 +35,10 @@ DATASET_SCHEMES = ("https", "http", "s3", "hf")
 
 
 class StrictModel(BaseModel):
-    """Frozen, and an unknown key is an error that names the closest valid key."""
+    """Frozen, strictly typed (``"3"`` is not 3 and ``true`` is not 1: a value of the wrong JSON type is
+    an error, never coerced), and an unknown key is an error that names the closest valid key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -400,7 +402,7 @@ def _check_model_reference(value: str | None) -> str | None:
     if not _REPO_ID.match(value) or ".." in value:
         raise ValueError(
             "must be a Hugging Face repo id ('org/name'), a folder name under the models root, "
-            f"or an absolute path on the volume; got {value!r}"
+            f"or an absolute path inside the models root, the Hugging Face cache or MODEL_PATH; got {value!r}"
         )
     return value
 
@@ -417,7 +419,7 @@ def format_validation_error(exc: ValidationError, limit: int = 5) -> str:
     given_at: dict[str, Any] = {}
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
-        msg = err["msg"]
+        msg = _TYPE_WORDS.get(err["type"], err["msg"])
         for prefix, keep in (("Value error, ", ""), ("Input should be ", "should be "),
                              ("String should ", "should "), ("List should ", "should ")):
             if msg.startswith(prefix):
@@ -433,11 +435,21 @@ def format_validation_error(exc: ValidationError, limit: int = 5) -> str:
         text = " or ".join(dict.fromkeys(msgs))
         given = given_at.get(loc)
         if loc in given_at and not isinstance(given, (dict, list)):
-            text += f"; got {given!r}"
+            # JSON's spelling for JSON's values: a caller sent true or null, not True or None
+            text += f"; got {json.dumps(given) if given is None or isinstance(given, bool) else repr(given)}"
         parts.append(f"{loc}: {text}" if loc else text)
     if len(by_loc) > limit:
         parts.append(f"and {len(by_loc) - limit} more")
     return "; ".join(parts)
+
+
+# Strict types (no "3" → 3, no true → 1): the words say which JSON value is wanted.
+_TYPE_WORDS = {
+    "int_type": "Input should be a whole number (a JSON number such as 4, not a string, true/false or 4.0)",
+    "float_type": "Input should be a number (a JSON number such as 0.0002, not a string or true/false)",
+    "bool_type": "Input should be true or false (a JSON boolean, not a string or a number)",
+    "string_type": "Input should be a string",
+}
 
 
 def _is_union_tag(part: Any) -> bool:

@@ -110,6 +110,8 @@ class WorkerSettings(BaseSettings):
     # Keep the loaded base model in memory between jobs on a warm worker (training/base_cache.py).
     warm_model_cache: bool = True
     progress_interval_s: float = Field(default=5.0, ge=0)
+    # A second live delivery of a job_id waits this long for the first, then reports it as running.
+    job_lock_timeout_s: float = Field(default=30.0, ge=0)
     max_dataset_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_inline_records: int = Field(default=10_000, gt=0)
     # Reading a dataset (data/budget.py): records read, and seconds spent reading and parsing.
@@ -195,11 +197,26 @@ class WorkerSettings(BaseSettings):
 
     @property
     def allowed_roots(self) -> tuple[Path, ...]:
-        """Folders an absolute path in a job may point into."""
+        """Folders an absolute path to data (a dataset, an init adapter) in a job may point into."""
         roots = [self.volume_root, self.models_root]
         if self.model_path is not None:
             roots.append(self.model_path)
         return tuple(dict.fromkeys(roots))
+
+    @property
+    def model_roots(self) -> tuple[Path, ...]:
+        """Folders a base model may come from: the operator's models root, the Hugging Face cache and
+        MODEL_PATH. Never the worker's own folders (``worker_owned_roots``), even when inside one of these."""
+        roots = [self.models_root, self.hf_cache_root]
+        if self.model_path is not None:
+            roots.append(self.model_path)
+        return tuple(dict.fromkeys(roots))
+
+    @property
+    def worker_owned_roots(self) -> dict[str, Path]:
+        """The folders the worker writes for jobs (what a job's input can bring onto the volume)."""
+        return {"jobs": self.jobs_root, "checkpoints": self.checkpoints_root, "artifacts": self.artifacts_root,
+                "staging": self.local_stage_dir}
 
     def with_s3_config(self, s3_config: object) -> WorkerSettings:
         """These settings with a request's ``s3Config`` (RunPod's per-request bucket) as the artifact

@@ -174,8 +174,10 @@ def read_signature(model_dir: str | Path) -> ModelSignature:
         if (model_dir / index_name).is_file():
             index_sha = sha256_file(model_dir / index_name)
             break
-    repo_id, commit = marker_identity(model_dir)
+    # A folder's place says what it is before its own marker does: a cache snapshot is its repo's.
     cache_repo, cache_commit = hf_cache_identity(model_dir)
+    repo_id, commit = (cache_repo, cache_commit) if cache_repo is not None else marker_identity(model_dir)
+    commit = commit or cache_commit
     return ModelSignature(
         model_type=config.get("model_type"),
         architectures=tuple(config.get("architectures") or ()),

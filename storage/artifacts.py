@@ -11,7 +11,13 @@ Two stores, one behaviour (CONTRACT §4):
   the manifests go up last, so a prefix without ``manifest.json`` is an incomplete upload.
 
 ``find_complete`` is what makes a re-delivered job cheap: it answers a stored artifact only when the
-job manifest is present and every object it lists has the listed size and checksum.
+job manifest is present, names this job, and every object it lists has the listed size and checksum.
+
+One job_id owns one location, whatever the prefix. ``<prefix>/<job_id>/`` alone is not unique (job
+``adapter`` with prefix ``victim`` is ``victim/adapter/``, the ``adapter/`` folder of job ``victim``),
+so ``claim`` records the owner in the location (``.job-owner.json``, written once, before anything
+else) and refuses a location that another job owns, that lies inside one (an owner claim or a job
+manifest in a folder above it), or that would hold one (an owner claim below it).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import logging
 import mimetypes
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -31,7 +38,7 @@ from typing import Any, Protocol
 
 from adapters.manifest import AdapterManifest, load_manifest
 from config.settings import WorkerSettings
-from errors import StorageError
+from errors import InputError, StorageError
 from files import MANIFEST_NAME, FileEntry, sha256_file, verify_files
 
 logger = logging.getLogger(__name__)
@@ -60,7 +67,12 @@ class StoredArtifact:
         }
 
 
+OWNER_NAME = ".job-owner.json"  # in <prefix>/<job_id>/: the job that owns the location
+
+
 class ArtifactStore(Protocol):
+    def claim(self, prefix: str, job_id: str) -> None: ...
+
     def find_complete(self, prefix: str, job_id: str) -> StoredArtifact | None: ...
 
     def put(self, job_dir: Path, prefix: str, job_id: str) -> StoredArtifact: ...
@@ -77,6 +89,28 @@ def _artifact(uri: str, manifest: AdapterManifest, **extra: Any) -> StoredArtifa
     files = list(manifest.files)
     return StoredArtifact(uri=uri, adapter_uri=uri + "adapter/", bytes=sum(f.bytes for f in files),
                           files=files, manifest=manifest, **extra)
+
+
+def _owner_claim(job_id: str) -> bytes:
+    return json.dumps({"job_id": job_id}).encode()
+
+
+def _owner_in(raw: bytes | None) -> str | None:
+    """The job an owner claim or a job manifest names; None when there is neither."""
+    if raw is None:
+        return None
+    try:
+        owner = json.loads(raw).get("job_id")
+    except (ValueError, AttributeError):
+        owner = None
+    return str(owner) if owner else "an unknown job"
+
+
+def taken(where: str, prefix: str, job_id: str, owner: str, how: str) -> InputError:
+    return InputError(
+        f"output.prefix {prefix!r} with job_id {job_id!r} stores the artifact at {where}, which {how} job "
+        f"{owner!r}'s artifact location; one job_id owns one place: choose another output.prefix"
+    )
 
 
 def _job_manifests(job_dir: Path) -> tuple[AdapterManifest, AdapterManifest]:
@@ -104,6 +138,51 @@ class LocalArtifactStore:
     def _folder(self, prefix: str, job_id: str) -> Path:
         return self.root / prefix / job_id if prefix else self.root / job_id
 
+    @staticmethod
+    def _owner(folder: Path) -> str | None:
+        for name in (OWNER_NAME, MANIFEST_NAME):
+            try:
+                return _owner_in((folder / name).read_bytes())
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError:
+                return "an unknown job"
+        return None
+
+    def _conflict(self, folder: Path, prefix: str, job_id: str) -> InputError | None:
+        where = folder.as_uri() + "/"
+        for above in folder.parents:
+            if not is_inside(above, self.root):
+                break
+            if (owner := self._owner(above)) is not None:
+                return taken(where, prefix, job_id, owner, "is inside")
+        own = self._owner(folder)
+        if own is not None and own != job_id:
+            return taken(where, prefix, job_id, own, "is")
+        ours = {folder / OWNER_NAME, folder / MANIFEST_NAME, folder / "adapter" / MANIFEST_NAME}
+        for found in sorted(folder.rglob(OWNER_NAME)) + sorted(folder.rglob(MANIFEST_NAME)):
+            if found not in ours:
+                return taken(where, prefix, job_id, self._owner(found.parent) or "an unknown job", "holds")
+        return None
+
+    def claim(self, prefix: str, job_id: str) -> None:
+        folder = self._folder(prefix, job_id)
+        conflict = self._conflict(folder, prefix, job_id)
+        if conflict is not None:
+            raise conflict
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / OWNER_NAME, "xb") as f:  # once: the first claim wins
+                f.write(_owner_claim(job_id))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"could not write to {folder} ({exc.strerror or exc})") from exc
+        # Two jobs may claim nested places at once: each checks again after its own claim is there.
+        conflict = self._conflict(folder, prefix, job_id)
+        if conflict is not None:
+            raise conflict
+
     def find_complete(self, prefix: str, job_id: str) -> StoredArtifact | None:
         folder = self._folder(prefix, job_id)
         try:
@@ -111,7 +190,7 @@ class LocalArtifactStore:
         except (OSError, ValueError) as exc:
             logger.warning("stored job folder %s is unreadable, storing it again: %s", folder, exc)
             return None
-        if manifest is None or adapter_manifest is None:
+        if manifest is None or adapter_manifest is None or manifest.job_id != job_id:
             return None
         # The job manifest lists every file under the folder, the adapter's manifest included.
         problems = verify_files(folder, manifest.to_dict())
@@ -123,10 +202,12 @@ class LocalArtifactStore:
 
     def put(self, job_dir: Path, prefix: str, job_id: str) -> StoredArtifact:
         _, adapter_manifest = _job_manifests(job_dir)
+        self.claim(prefix, job_id)
         final = self._folder(prefix, job_id)
         tmp = final.parent / f".{job_id}.partial-{uuid.uuid4().hex[:8]}"
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir(parents=True)
+            (tmp / OWNER_NAME).write_bytes(_owner_claim(job_id))  # the claim goes with the folder
             for src in upload_order(job_dir):
                 dst = tmp / src.relative_to(job_dir)
                 dst.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +269,52 @@ class S3ArtifactStore:
     def _uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
+    # --- ownership ---------------------------------------------------------------------------------
+    def _owner(self, folder_key: str, names: tuple[str, ...] = (OWNER_NAME, MANIFEST_NAME)) -> str | None:
+        for name in names:
+            owner = _owner_in(self._get_bytes(folder_key + name))
+            if owner is not None:
+                return owner
+        return None
+
+    def _conflict(self, prefix: str, job_id: str) -> InputError | None:
+        root = self._prefix(prefix, job_id)
+        where = self._uri(root)
+        parts = [p for p in (prefix.strip("/"), job_id) if p]
+        parts = "/".join(parts).split("/")
+        base = self.root + "/" if self.root else ""
+        for depth in range(1, len(parts)):
+            if (owner := self._owner(base + "/".join(parts[:depth]) + "/")) is not None:
+                return taken(where, prefix, job_id, owner, "is inside")
+        own = self._owner(root)
+        if own is not None and own != job_id:
+            return taken(where, prefix, job_id, own, "is")
+        # Without listing (upload-only credentials): the one folder this job writes below its root.
+        if (owner := self._owner(root + "adapter/", (OWNER_NAME,))) is not None:
+            return taken(where, prefix, job_id, owner, "holds")
+        return None
+
+    def claim(self, prefix: str, job_id: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        conflict = self._conflict(prefix, job_id)
+        if conflict is not None:
+            raise conflict
+        key = self._prefix(prefix, job_id) + OWNER_NAME
+        if _owner_in(self._get_bytes(key)) == job_id:
+            return  # claimed by an earlier delivery: a re-delivered job writes nothing
+        try:  # once: the first claim wins (a server that ignores IfNoneMatch is caught by the re-check)
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=_owner_claim(job_id),
+                                   ContentType="application/json", IfNoneMatch="*")
+        except ClientError as exc:
+            if _code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise self._error("upload", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._error("upload", key, exc) from exc
+        conflict = self._conflict(prefix, job_id)
+        if conflict is not None:
+            raise conflict
+
     # --- reading -----------------------------------------------------------------------------------
     def _get_bytes(self, key: str) -> bytes | None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -233,7 +360,10 @@ class S3ArtifactStore:
         if raw is None:
             return None
         try:
-            entries = {e.name: e for e in AdapterManifest.model_validate(json.loads(raw)).files}
+            job_manifest = AdapterManifest.model_validate(json.loads(raw))
+            entries = {e.name: e for e in job_manifest.files}
+            if job_manifest.job_id != job_id:
+                return None  # another job's: claim refuses the place
         except ValueError as exc:
             logger.warning("%s is not a readable manifest (%s); storing the job again",
                            self._uri(root + MANIFEST_NAME), exc)
@@ -290,6 +420,7 @@ class S3ArtifactStore:
 
         transfer_errors = (CancelledError, S3UploadFailedError)
         manifest, adapter_manifest = _job_manifests(job_dir)
+        self.claim(prefix, job_id)
         listed = {e.name: e for e in manifest.files}
         root = self._prefix(prefix, job_id)
         order = upload_order(job_dir)
@@ -341,11 +472,19 @@ class S3ArtifactStore:
         elif code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"):
             reason = f"the bytes the server received do not match their sha256 ({code})"
         elif code:
-            message = getattr(exc, "response", {}).get("Error", {}).get("Message") or ""
-            reason = f"{code}: {message}".rstrip(": ")
+            # The code only, and only when it looks like one: the message and body are the endpoint's
+            # words, which a request's endpoint could fill with anything it wants shown.
+            reason = f"the store answered {code if _PLAIN_CODE.match(code) else 'an unexpected error'}"
         else:
             reason = f"{self.endpoint} did not answer after retries ({type(exc).__name__}: {exc})"
         return StorageError(f"could not {action} {self._uri(key)}: {reason}")
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    return path != root and root in path.parents
+
+
+_PLAIN_CODE = re.compile(r"^[A-Za-z0-9]{1,48}$")
 
 
 def _code(exc: BaseException) -> str:

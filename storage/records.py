@@ -23,6 +23,8 @@ from typing import Any, Callable, Protocol
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from adapters.manifest import AdapterManifest
+from config.job import TrainingJob
 from config.settings import WorkerSettings
 from errors import InputError, RecordError
 
@@ -400,3 +402,47 @@ def open_records(settings: WorkerSettings) -> Records:
     if settings.supabase_url:
         return SupabaseRecords.from_settings(settings)
     return SqliteRecords(settings.records_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# the request a job_id stands for: job_id is an idempotency key (CONTRACT §1)
+
+
+def request_fingerprint(job: TrainingJob, settings: WorkerSettings, dataset_sha256: str,
+                        eval_sha256: str | None) -> dict[str, Any]:
+    """What makes two deliveries of a job_id the same request (stored in the manifest as ``request``)."""
+    from adapters.fetch import shown_ref
+    from model_resolver import requested_model
+
+    return {"base_model": requested_model(job.base_model, settings), "model_revision": job.model_revision,
+            "dataset_sha256": dataset_sha256, "eval_dataset_sha256": eval_sha256,
+            "hyperparameters": job.hyperparameters.model_dump(mode="json"),
+            "init_adapter": shown_ref(job.init_adapter) if job.init_adapter else None,
+            "output_prefix": job.output.prefix}
+
+
+_SHOWN_KEYS = {"dataset_sha256": "dataset sha256", "eval_dataset_sha256": "eval dataset sha256",
+               "output_prefix": "output.prefix"}
+
+
+def request_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs, in words: ``hyperparameters.lora_r (8 then, 16 now)``. Only what both record."""
+    found = []
+    for key, old in before.items():
+        if key not in now:
+            continue
+        new = now[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += [f"{key}.{k} ({old.get(k)!r} then, {new.get(k)!r} now)"
+                      for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            shown = [v[:12] + "…" if isinstance(v, str) and key.endswith("sha256") else v for v in (old, new)]
+            found.append(f"{_SHOWN_KEYS.get(key, key)} ({shown[0]!r} then, {shown[1]!r} now)")
+    return found
+
+
+def stored_request(manifest: AdapterManifest) -> dict[str, Any]:
+    """The request a stored adapter was made for; from its own fields when an older worker wrote it."""
+    if manifest.request is not None:
+        return manifest.request
+    return {"dataset_sha256": manifest.dataset.sha256, "hyperparameters": manifest.hyperparameters}

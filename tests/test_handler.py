@@ -238,6 +238,9 @@ def test_selftest_reports_every_check(volume):
 def test_selftest_names_the_failing_step(volume, monkeypatch):
     def broken_store(settings):
         class Broken:
+            def claim(self, prefix, job_id):
+                return None
+
             def put(self, job_dir, prefix, job_id):
                 from errors import StorageError
                 raise StorageError("the bucket refused the upload (AccessDenied)")

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from config.job import (
-    DatasetSpec,
-    Hyperparameters,
-    OutputSpec,
-    TrainingJob,
-    job_json_schema,
-)
+from config.job import DatasetSpec, Hyperparameters, OutputSpec, TrainingJob, job_json_schema
 from errors import InputError
 
 DATA = {"uri": "datasets/x.jsonl"}

@@ -7,13 +7,7 @@ from pathlib import Path
 
 import handler
 from models import staging as model_staging
-from models.staging import (
-    STAGED_MARKER,
-    filesystem_type,
-    is_network_filesystem,
-    plan_loading,
-    stage_folder,
-)
+from models.staging import STAGED_MARKER, filesystem_type, is_network_filesystem, plan_loading, stage_folder
 from tests.conftest import small_job
 
 

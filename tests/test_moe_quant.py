@@ -12,11 +12,7 @@ from errors import ModelError, TrainingError
 from tests.conftest import small_job
 from training.loading import load_base_model, require_quantized_experts
 from training.memory_plan import measure_loaded
-from training.moe_quant import (
-    nf4_bytes,
-    quantized_expert_parameters,
-    unquantized_expert_parameters,
-)
+from training.moe_quant import nf4_bytes, quantized_expert_parameters, unquantized_expert_parameters
 from training.runtime import Runtime, bitsandbytes_4bit_runs, plan_runtime
 
 needs_4bit = pytest.mark.skipif(bitsandbytes_4bit_runs("cpu") is not None,

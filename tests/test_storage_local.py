@@ -88,8 +88,9 @@ def test_a_failed_copy_keeps_the_adapter_and_a_rerun_stores_it(volume, monkeypat
         f"the trained adapter is kept at {kept}: re-run the job with the same job_id to store it without "
         "training again")
     assert (kept / "adapter_model.safetensors").is_file()
-    assert not (volume / "artifacts" / "nospace").exists()
-    assert not [p for p in (volume / "artifacts").iterdir()], "a partial copy was left behind"
+    # the job's claim on its place, and no partial copy
+    assert [p.name for p in (volume / "artifacts" / "nospace").iterdir()] == [".job-owner.json"]
+    assert [p.name for p in (volume / "artifacts").iterdir()] == ["nospace"], "a partial copy was left behind"
 
     monkeypatch.setattr(storage.artifacts.shutil, "copy2", real_copy)
     _no_training(monkeypatch)

@@ -103,7 +103,10 @@ def test_put_lays_out_the_job_with_server_verified_checksums(store, s3_server, s
     assert stored.adapter_uri == f"s3://{s3_bucket}/{root}adapter/"
     local = {p.relative_to(job_dir).as_posix(): p for p in job_dir.rglob("*") if p.is_file()}
     client = s3_server.client()
-    assert set(_keys(client, s3_bucket)) == {root + rel for rel in local}
+    # and the owner claim, written first (one job_id owns one place)
+    assert set(_keys(client, s3_bucket)) == {root + rel for rel in local} | {root + ".job-owner.json"}
+    assert json.loads(client.get_object(Bucket=s3_bucket, Key=root + ".job-owner.json")["Body"].read()) == {
+        "job_id": "job-1"}
     for rel, path in local.items():
         head = client.head_object(Bucket=s3_bucket, Key=root + rel, ChecksumMode="ENABLED")
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -120,7 +123,7 @@ def test_put_lays_out_the_job_with_server_verified_checksums(store, s3_server, s
     # Manifests last: the adapter's, then the job's, after every other object is complete.
     completed = [key for op, key in calls if op in ("PutObject", "CompleteMultipartUpload")]
     assert completed[-2:] == [root + "adapter/manifest.json", root + "manifest.json"]
-    assert len(completed) == len(local)
+    assert completed[0] == root + ".job-owner.json" and len(completed) == len(local) + 1
     assert stored.files == describe_files(job_dir / "adapter")
     assert stored.bytes == sum(f.bytes for f in stored.files)
     assert stored.manifest.base.id == "org/base"
@@ -281,10 +284,11 @@ def test_s3_down_mid_upload_keeps_the_adapter_and_a_rerun_completes(s3_env, volu
     import storage.s3
 
     real = storage.s3.make_s3_client
-    stopped = []
+    stopped, puts = [], []
 
     def stop_after_first_object(http_response, parsed, model, **_):
-        if not stopped:
+        puts.append(True)
+        if not stopped and len(puts) == 2:  # the first object after the owner claim
             stopped.append(True)
             s3_server.stop()
 
@@ -355,6 +359,8 @@ def test_record_failure_names_the_s3_location_and_a_rerun_writes_it(s3_env, volu
 
 @pytest.mark.slow
 def test_a_requests_s3config_is_used_and_never_leaks(volume, s3_server, s3_bucket, monkeypatch, caplog):
+    monkeypatch.setenv("ALLOW_PRIVATE_URLS", "true")  # the test store is on loopback: the operator allows it
+    handler.get_settings.cache_clear()
     config = {"accessId": s3_server.access_key, "accessSecret": s3_server.secret_key, "bucketName": s3_bucket,
               "endpointUrl": s3_server.endpoint}
     output = handler.handler({"id": "rp-cfg", "input": small_job(job_id="cfg-job"), "s3Config": config})

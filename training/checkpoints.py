@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import safe_globals
 
 from files import write_json_atomic
+from models.safetensors import safetensors_extent
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,32 @@ def _unsafe_reason(path: Path) -> str | None:
     return None
 
 
+def _damage(path: Path, marker: dict) -> str | None:
+    """Why a marked checkpoint cannot be resumed from (its files changed since it was marked), or None.
+
+    A completion marker says the save finished, not that the files are still whole: a disk error or a
+    copy cut short later leaves a marked folder that would fail the resume (and every retry) half-way.
+    """
+    for name, size in (marker.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, not the {size} it was saved with"
+    for file in sorted(path.rglob("*.safetensors")):
+        if safetensors_extent(file) != file.stat().st_size:
+            return f"{file.relative_to(path)} is truncated or its header is damaged"
+    for file in sorted(path.rglob("*.json")):
+        try:
+            json.loads(file.read_text())
+        except (OSError, ValueError):
+            return f"{file.relative_to(path)} is not valid JSON"
+    return None
+
+
 def find_resume_checkpoint(checkpoint_dir: Path, signature: str) -> Path | None:
-    """The newest complete, safe checkpoint of this run; half-written and foreign ones are removed."""
+    """The newest complete, whole, safe checkpoint of this run. Half-written, foreign and damaged ones are
+    removed (the next older one is tried, and a retry never meets them again); unsafe ones are skipped."""
     chosen = None
     for step, path, marker in reversed(list_checkpoints(checkpoint_dir)):
         if marker is None:
@@ -100,8 +125,13 @@ def find_resume_checkpoint(checkpoint_dir: Path, signature: str) -> Path | None:
             continue
         if chosen is not None:
             continue
+        damage = _damage(path, marker)
+        if damage:
+            logger.warning("checkpoint %s is damaged (%s): removed; trying the one before it", path.name, damage)
+            shutil.rmtree(path, ignore_errors=True)
+            continue
         reason = _unsafe_reason(path)
-        if reason:
+        if reason:  # kept for a person to look at (it may be planted), never loaded
             logger.warning("checkpoint %s is skipped: %s", path.name, reason)
             continue
         chosen = path
@@ -129,8 +159,11 @@ class CheckpointKeeper(TrainerCallback):
         path = self.checkpoint_dir / f"checkpoint-{step}"
         # The Trainer's pickled TrainingArguments: never read on resume, so never kept to be read.
         (path / "training_args.bin").unlink(missing_ok=True)
-        write_json_atomic(path / CHECKPOINT_MARKER,
-                          {"step": step, "signature": self.signature, "completed_at": time.time()})
+        # Each file's size, so that a resume can tell a checkpoint damaged after it was marked.
+        files = {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*"))
+                 if p.is_file() and p.name != CHECKPOINT_MARKER}
+        write_json_atomic(path / CHECKPOINT_MARKER, {"step": step, "signature": self.signature,
+                                                     "completed_at": time.time(), "files": files})
         complete = [p for s, p, m in list_checkpoints(self.checkpoint_dir) if m is not None]
         for old in complete[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)

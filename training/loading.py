@@ -7,11 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from errors import ModelError
-from training.moe_quant import (
-    expert_quantizing_loader,
-    quantized_expert_parameters,
-    unquantized_expert_parameters,
-)
+from training.moe_quant import expert_quantizing_loader, quantized_expert_parameters, unquantized_expert_parameters
 from training.runtime import Runtime
 
 logger = logging.getLogger(__name__)

@@ -35,12 +35,7 @@ from typing import Any
 from errors import ModelError, TrainingError
 from models.safetensors import SAFETENSORS_BYTES, safetensors_headers
 from training.moe_quant import EXPERT_PARAMETER_NAMES, nf4_bytes
-from training.runtime import (
-    choose_checkpointing,
-    choose_precision,
-    choose_quantization,
-    this_machine,
-)
+from training.runtime import choose_checkpointing, choose_precision, choose_quantization, this_machine
 from training.targets import _generic_name, refuse_expert_lora_on_4bit, resolve_targets
 
 GiB = 1024**3

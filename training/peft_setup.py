@@ -15,12 +15,7 @@ from transformers import set_seed
 from errors import TrainingError
 from training.moe_quant import quantized_expert_parameters
 from training.request import TrainRequest
-from training.targets import (
-    EXCLUDED_MODULES,
-    Targets,
-    lora_dropout_for,
-    resolve_targets,
-)
+from training.targets import EXCLUDED_MODULES, Targets, lora_dropout_for, resolve_targets
 
 logger = logging.getLogger(__name__)
 

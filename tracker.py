@@ -1,0 +1,95 @@
+"""A job's progress: stages timed, and progress sent to RunPod and to the job row, throttled for training steps.
+
+Any unexpected exception inside a stage becomes a ``WorkerError`` of that stage, so the caller always
+knows where a job failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from errors import WorkerError
+from storage.records import JobUpdate, Records
+
+logger = logging.getLogger(__name__)
+
+Notify = Callable[[dict[str, Any]], None]
+
+# Where each stage starts on the job's 0..1 progress bar; training fills the span up to "save".
+STAGE_PROGRESS = {"model": 0.01, "dataset": 0.03, "train": 0.05, "save": 0.92, "upload": 0.94,
+                  "record": 0.98}
+# A progress update's keys (what RunPod gets) → the job row's columns.
+PROGRESS_COLUMNS = (("progress", "progress"), ("step", "current_step"), ("total_steps", "total_steps"),
+                    ("loss", "last_loss"), ("stage", "stage"))
+
+
+class Tracker:
+    """Times stages, and sends progress to RunPod and the job row, throttled for training steps."""
+
+    def __init__(self, job_id: str, records: Records | None, notify: Notify | None, interval_s: float):
+        self.job_id = job_id
+        self.records = records
+        self.notify = notify
+        self.interval_s = interval_s
+        self.timings: dict[str, float] = {}
+        self.current = "input"
+        self._last_sent = 0.0
+
+    @contextmanager
+    def stage(self, name: str, timing: str, *, report: bool = True) -> Iterator[None]:
+        self.current = name
+        if report:
+            self.send({"stage": name, "progress": STAGE_PROGRESS.get(name, 0.0)}, force=True)
+        started = time.monotonic()
+        try:
+            yield
+        except WorkerError:
+            raise
+        except Exception as exc:  # an unexpected failure still belongs to a stage
+            where = _innermost_frame(exc)
+            raise WorkerError(f"unexpected {type(exc).__name__} ({where}): {exc}", stage=name) from exc
+        finally:
+            self.timings[timing] = round(self.timings.get(timing, 0.0) + time.monotonic() - started, 3)
+
+    def send(self, update: dict[str, Any], *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_sent < self.interval_s:
+            return
+        self._last_sent = now
+        update = {"job_id": self.job_id, **update}
+        if self.notify is not None:
+            self.notify(update)
+        if self.records is None:
+            return
+        row = JobUpdate(**{column: update[key] for key, column in PROGRESS_COLUMNS if update.get(key) is not None})
+        try:
+            self.records.upsert_job(self.job_id, row)
+        except WorkerError as exc:  # a progress row is not worth failing a paid training run for
+            logger.warning("progress record not written: %s", exc)
+
+    def on_train_progress(self, event) -> None:
+        fraction = event.step / event.total_steps if event.total_steps else 0.0
+        span = STAGE_PROGRESS["save"] - STAGE_PROGRESS["train"]
+        logger.info("step=%d/%d loss=%.4f lr=%.2e tok/s=%s", event.step, event.total_steps,
+                    event.loss, event.learning_rate or 0.0,
+                    f"{event.tokens_per_second:.0f}" if event.tokens_per_second else "?")
+        self.send({
+            "stage": "train",
+            "progress": round(STAGE_PROGRESS["train"] + span * fraction, 4),
+            "step": event.step, "total_steps": event.total_steps, "loss": event.loss,
+            "learning_rate": event.learning_rate, "tokens_per_second": event.tokens_per_second,
+            "eta_s": round(event.eta_s, 1) if event.eta_s is not None else None,
+        }, force=event.step == event.total_steps)
+
+
+def _innermost_frame(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "unknown location"
+    return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
