@@ -18,7 +18,6 @@ cache's own atomic renames and a completion marker written last.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -29,8 +28,14 @@ from typing import Any
 from config.settings import WorkerSettings
 from errors import InputError, ModelError
 from files import check_inside, is_within
-from models.cache import SHA, SHORT_SHA, cache_folder_name, cache_identity, cached_snapshot
-from models.folder import NEEDED_FILES, check_model_folder, folder_bytes
+from models.cache import (
+    SHA,
+    SHORT_SHA,
+    cache_folder_name,
+    cache_identity,
+    cached_snapshot,
+)
+from models.folder import NEEDED_FILES, check_model_folder, folder_bytes, read_config
 from models.hub import check_remote_code, download_model, hub_api, hub_call, probe_hub
 from models.signature import ModelSignature, read_marker, read_signature
 
@@ -156,7 +161,7 @@ def _found(folder: Path, source: str, settings: WorkerSettings, revision: str | 
     shown_id, trust_id = _identity(folder, settings)
     model_id = model_id or shown_id
     signature = read_signature(folder)
-    trust = check_remote_code(json.loads((folder / "config.json").read_text()),
+    trust = check_remote_code(read_config(folder),
                               model_id if source in ("hf_cache", "download") else trust_id, settings)
     resolved = ResolvedModel(
         id=model_id,
@@ -285,7 +290,7 @@ def fetch_metadata(miss: ModelNotCached, revision: str | None, settings: WorkerS
         raise miss.but(exc) from exc
     if not (path / "config.json").is_file():
         raise miss.but(ModelError(f"{repo_id} has no config.json; it is not a transformers model repo"))
-    trust = check_remote_code(json.loads((path / "config.json").read_text()), repo_id, settings)
+    trust = check_remote_code(read_config(path), repo_id, settings)
     return ResolvedModel(id=repo_id, revision=sha, source="hub_metadata", path=path,
                          signature=read_signature(path), seconds=time.monotonic() - started,
                          bytes=folder_bytes(path), downloaded_bytes=folder_bytes(path), trust_remote_code=trust)

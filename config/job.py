@@ -310,6 +310,12 @@ class TrainingJob(StrictModel):
         description="Free-form, stored with the job record; metadata.user_id names the record's owner "
                     "(with Supabase, the owner's user id, a UUID).")
 
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _bounded_metadata(cls, value: Any) -> Any:
+        _check_json_bounds(value, "metadata")
+        return value
+
     @field_validator("dataset", mode="before")
     @classmethod
     def _dataset_string_is_uri(cls, value: Any) -> Any:
@@ -413,6 +419,32 @@ def _sanitize_job_id(raw: str) -> str:
     return cleaned or "job"
 
 
+# Free-form JSON a job carries (metadata) is stored and echoed: bounded so that serialising it can
+# neither recurse without end nor fill a record.
+MAX_JSON_DEPTH = 32
+MAX_JSON_ITEMS = 10_000
+MAX_SHOWN_VALUE = 120  # characters of a rejected value quoted back in an error
+
+
+def _check_json_bounds(value: Any, field: str) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH or with more than MAX_JSON_ITEMS values, without
+    recursing (a payload nested 100,000 deep must not exhaust the stack while it is checked)."""
+    stack, items = [(value, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        items += 1
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"is nested deeper than {MAX_JSON_DEPTH} levels; flatten {field} "
+                             "(it is stored with the job record, not read by training)")
+        if items > MAX_JSON_ITEMS:
+            raise ValueError(f"holds more than {MAX_JSON_ITEMS} values; keep {field} small (it is "
+                             "stored with the job record)")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
 def format_validation_error(exc: ValidationError, limit: int = 5) -> str:
     """One sentence per field: where, what is wrong, and the value received."""
     by_loc: dict[str, list[str]] = {}
@@ -436,7 +468,9 @@ def format_validation_error(exc: ValidationError, limit: int = 5) -> str:
         given = given_at.get(loc)
         if loc in given_at and not isinstance(given, (dict, list)):
             # JSON's spelling for JSON's values: a caller sent true or null, not True or None
-            text += f"; got {json.dumps(given) if given is None or isinstance(given, bool) else repr(given)}"
+            shown = json.dumps(given) if given is None or isinstance(given, bool) else repr(given)
+            # a 1 MB value must not come back as a 1 MB error: its start is enough to recognise it
+            text += f"; got {shown if len(shown) <= MAX_SHOWN_VALUE else shown[:MAX_SHOWN_VALUE] + '…'}"
         parts.append(f"{loc}: {text}" if loc else text)
     if len(by_loc) > limit:
         parts.append(f"and {len(by_loc) - limit} more")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
+from errors import ModelError
 from models.safetensors import SafetensorsError, safetensors_extent, weight_files
 
 # Root-level files loading needs besides the weights: configs, tokenizers, chat templates.
@@ -50,3 +53,21 @@ def check_model_folder(folder: Path, *, allow_pickle: bool = False) -> list[str]
 def folder_bytes(folder: Path) -> int:
     # Cache snapshots are symlinks into blobs/: count what they point at.
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """A model folder's config.json as a JSON object; a missing or damaged one is a ModelError naming it."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing: the folder is not a complete model; prefetch the model "
+                         "again or name the folder that holds config.json") from None
+    except (OSError, ValueError) as exc:
+        reason = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise ModelError(f"{path} is damaged ({reason}); prefetch the model again or restore the "
+                         "file") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} is not a JSON object; prefetch the model again or restore the file")
+    return config
+

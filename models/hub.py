@@ -14,7 +14,7 @@ from errors import ModelError
 from files import write_json_atomic, write_text_atomic
 from hub_errors import HubTarget, hub_error
 from models.cache import COMPLETE_DIR, SHA, cached_snapshot, repo_folder
-from models.folder import NEEDED_FILES, check_model_folder
+from models.folder import NEEDED_FILES, check_model_folder, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def download_model(repo_id: str, revision: str | None, settings: WorkerSettings)
                       endpoint=settings.hf_endpoint, token=api.token)
         config_path = hub_call(lambda: hf_hub_download(filename="config.json", **common),
                                 repo_id, revision, settings)
-        trust = check_remote_code(json.loads(Path(config_path).read_text()), repo_id, settings)
+        trust = check_remote_code(read_config(Path(config_path).parent), repo_id, settings)
         tree = {f.path: f.size for f in hub_call(
             lambda: list(api.list_repo_tree(repo_id, revision=sha, recursive=True)), repo_id, revision, settings)
             if getattr(f, "size", None) is not None}

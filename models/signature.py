@@ -10,6 +10,7 @@ from typing import Any
 
 from files import sha256_file
 from models.cache import cache_identity
+from models.folder import read_config
 from models.safetensors import INDEX_NAME
 
 WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
@@ -161,8 +162,8 @@ def read_signature(model_dir: str | Path) -> ModelSignature:
     """Fingerprint a model folder from config.json and its weight index (no weights read)."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
+    config = text_config(read_config(model_dir))
     raw = config_path.read_bytes()
-    config = text_config(json.loads(raw))
     fields = {}
     for name, spellings in _SIGNATURE_FIELDS.items():
         for key in spellings:

@@ -29,6 +29,8 @@ RUNTIME_ONLY = {
 # Imported by the worker but not installed from requirements.txt.
 NOT_FROM_REQUIREMENTS = {
     "torch": "installed first and on its own line: the CPU build here, the CUDA build in the image",
+    "bitsandbytes": "requirements-gpu.txt installs it in the image (and requirements-dev.txt in the CPU "
+                    "venv); the worker imports it only when a job asks for 4-bit",
 }
 # Trees that are not the worker: tests, benchmarks.
 NOT_WORKER = ("tests/", "bench/")

@@ -6,7 +6,7 @@ server (``loopback_only``), and none of the planted secrets anywhere it left a t
 lines, record rows, files on the volume). The counts go to build/reliability.json (RELIABILITY.md).
 
 Cases that the other half of issue 13 closes (findings 1, 4: model folders and s3Config endpoints)
-carry ``needs="i13"``: strict xfail until that branch is merged, then the marker comes off.
+carry ``needs="…"``: strict xfail until the fix lands, then the marker comes off (none is open now).
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ CASES: list[Case] = [
     Case("epochs-negative", "types", change=hp(epochs=-1), contains="epochs"),
     Case("epochs-huge", "types", change=hp(epochs=10**9), contains="epochs"),
     Case("epochs-string-word", "types", change=hp(epochs="three"), contains="epochs"),
-    Case("epochs-string-number", "types", change=hp(epochs="3"), contains="epochs", needs="i13"),
-    Case("batch-size-bool", "types", change=hp(batch_size=True), contains="batch_size", needs="i13"),
+    Case("epochs-string-number", "types", change=hp(epochs="3"), contains="epochs"),
+    Case("batch-size-bool", "types", change=hp(batch_size=True), contains="batch_size"),
     Case("batch-size-zero", "types", change=hp(batch_size=0), contains="batch_size"),
     Case("batch-size-float", "types", change=hp(batch_size=2.5), contains="batch_size"),
     Case("learning-rate-string", "types", change=hp(learning_rate="fast"), contains="learning_rate"),
@@ -194,10 +194,9 @@ CASES: list[Case] = [
     Case("init-adapter-traversal", "traversal", change={"init_adapter": "../../etc"}, expect="(input|model|train):"),
     # ---- s3Config (finding 4) -----------------------------------------------------------------
     Case("s3config-endpoint-loopback", "url", job={"id": "s3c", "input": small_job(),
-         "s3Config": P.s3_config("http://127.0.0.1:9")}, expect="(input|upload):", contains="not allowed", needs="i13"),
+         "s3Config": P.s3_config("http://127.0.0.1:9")}, expect="(input|upload):", contains="must be a public address"),
     Case("s3config-endpoint-metadata", "url", job={"id": "s3m", "input": small_job(),
-         "s3Config": P.s3_config("http://169.254.169.254")}, expect="(input|upload):", contains="not allowed",
-         needs="i13"),
+         "s3Config": P.s3_config("http://169.254.169.254")}, expect="(input|upload):", contains="must be a public address"),
     Case("s3config-incomplete", "secrets", job={"id": "s3i", "input": small_job(),
          "s3Config": {"accessId": P.aws_key_id, "accessSecret": P.aws_secret}}, expect="upload:",
          contains="bucketName"),
@@ -223,8 +222,8 @@ CASES: list[Case] = [
     Case("output-prefix-dotdot", "traversal", change={"output": {"prefix": "../../etc"}}, contains="prefix"),
     Case("output-prefix-backslash", "traversal", change={"output": {"prefix": "..\\..\\etc"}}, contains="prefix"),
     # ---- huge nesting ------------------------------------------------------------------------
-    Case("metadata-deep-1000", "nesting", change={"metadata": deep(1000)}, needs="lead"),
-    Case("metadata-deep-100000", "nesting", change={"metadata": deep(100_000)}, needs="lead"),
+    Case("metadata-deep-1000", "nesting", change={"metadata": deep(1000)}),
+    Case("metadata-deep-100000", "nesting", change={"metadata": deep(100_000)}),
     Case("records-deep", "nesting", change={"dataset": {"records": [{"text": deep(5000)}]}},
          contains="nested too deeply"),
     Case("file-line-deep", "nesting", change=ds("datasets/deep.jsonl"),
@@ -292,7 +291,7 @@ CASES: list[Case] = [
          contains="tokenizer.json is damaged"),
     Case("model-broken-config", "finding-11", change={"base_model": "brokencfg"}, files={
         "models/brokencfg": "copy:tiny-llama", "models/brokencfg/config.json": b"{broken"}, expect="model:",
-         contains="config.json", needs="lead"),
+         contains="config.json"),
     Case("environment-invalid", "settings", env={"MAX_DATASET_BYTES": "lots"}, contains="max_dataset_bytes"),
     Case("environment-s3-half", "settings", env={"S3_BUCKET": "b"}, expect="upload:", contains="half-configured"),
 ]
