@@ -21,6 +21,17 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen/Qwen3-Next-80B-A3B-Instruct's published config.json, the fields that set its size: the memory
+# plan's tests, `cli.py plan` and the shape-twin bench build configs (never weights) from it.
+QWEN3_NEXT_80B = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=5120, num_hidden_layers=48,
+    num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+    linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_conv_kernel_dim=4, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+    shared_expert_intermediate_size=512, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+    full_attention_interval=4,
+)
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_next", "qwen3_moe")
 
 _BASE_CORPUS = """\

@@ -10,21 +10,12 @@ import transformers
 
 import handler
 from config.job import TrainingJob
+from demo.tiny_models import QWEN3_NEXT_80B
 from errors import InputError, TrainingError
 from models.safetensors import safetensors_headers
 from tests.conftest import small_job
 from training.memory_plan import GiB, plan_memory, require_fit
 from training.moe_quant import nf4_bytes
-
-# Qwen/Qwen3-Next-80B-A3B-Instruct's config.json, the fields that set its size.
-QWEN3_NEXT_80B = dict(
-    vocab_size=151936, hidden_size=2048, intermediate_size=5120, num_hidden_layers=48,
-    num_attention_heads=16, num_key_value_heads=2, head_dim=256,
-    linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
-    linear_conv_kernel_dim=4, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
-    shared_expert_intermediate_size=512, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
-    full_attention_interval=4,
-)
 
 
 @pytest.fixture(scope="module")

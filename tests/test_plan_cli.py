@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from tests.test_memory_plan import QWEN3_NEXT_80B
+from demo.tiny_models import QWEN3_NEXT_80B
 
 ROOT = Path(__file__).resolve().parent.parent
 
