@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import mimetypes
-import os
 import re
 import shutil
 import uuid
@@ -39,7 +38,7 @@ from typing import Any, Protocol
 from adapters.manifest import AdapterManifest, load_manifest
 from config.settings import WorkerSettings
 from errors import InputError, StorageError
-from files import MANIFEST_NAME, FileEntry, sha256_file, verify_files
+from files import MANIFEST_NAME, FileEntry, publish_folder, sha256_file, verify_files
 
 logger = logging.getLogger(__name__)
 
@@ -212,14 +211,8 @@ class LocalArtifactStore:
                 dst = tmp / src.relative_to(job_dir)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
-            if final.exists():
-                # An earlier, incomplete delivery of the same job: replace it with this complete one.
-                stale = final.parent / f".{job_id}.stale-{uuid.uuid4().hex[:8]}"
-                os.replace(final, stale)
-                os.replace(tmp, final)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            # An earlier, incomplete delivery of the same job (or this job's claim alone) is replaced.
+            publish_folder(tmp, final, replace=True)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StorageError(f"could not copy the adapter to {final} ({exc.strerror or exc})") from exc
