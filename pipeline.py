@@ -17,6 +17,7 @@ import time
 import uuid
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -118,10 +119,11 @@ def _run_train(job: TrainingJob, settings: WorkerSettings, notify: Notify | None
     job_id = job.job_id or "job"
     records = open_records(settings)
     tracker = Tracker(job_id, records, notify, settings.progress_interval_s)
-    _refuse_another_request(job, settings, tracker, records)  # before the row changes: it stays as it was
+    request = _Request(job, settings, tracker)
+    _refuse_another_request(request, records)  # before the row changes: it stays as it was
     records.upsert_job(job_id, _started_row(job, settings))
     try:
-        stored, record_id = _train(job, settings, tracker, records, cancel, base_cache)
+        stored, record_id = _train(job, settings, tracker, records, request, cancel, base_cache)
     except WorkerError as exc:
         _record_failure(records, job_id, exc, settings)
         raise
@@ -138,20 +140,29 @@ def _run_train(job: TrainingJob, settings: WorkerSettings, notify: Notify | None
     return output
 
 
-def _request_differences(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
-                         manifest: AdapterManifest) -> list[str]:
-    """How this request differs from the one ``manifest``'s adapter was made for (reads the dataset)."""
-    from dataset_loader import read_dataset
+class _Request:
+    """This delivery's request, compared with what an earlier one made; its dataset read at most once."""
 
-    with tracker.stage("dataset", "dataset_s", report=False):
-        report = read_dataset(job.dataset, settings, seed=job.hyperparameters.seed).report
-    return request_differences(stored_request(manifest),
-                        request_fingerprint(job, settings, report.sha256, report.eval_sha256))
+    def __init__(self, job: TrainingJob, settings: WorkerSettings, tracker: Tracker):
+        self.job, self.settings, self.tracker = job, settings, tracker
+
+    @cached_property
+    def fingerprint(self) -> dict[str, Any]:
+        from dataset_loader import read_dataset
+
+        job = self.job
+        with self.tracker.stage("dataset", "dataset_s", report=False):
+            report = read_dataset(job.dataset, self.settings, seed=job.hyperparameters.seed).report
+        return request_fingerprint(job, self.settings, report.sha256, report.eval_sha256)
+
+    def differences(self, manifest: AdapterManifest) -> list[str]:
+        """How this request differs from the one ``manifest``'s adapter was made for."""
+        return request_differences(stored_request(manifest), self.fingerprint)
 
 
-def _refuse_another_request(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
-                            records: Records) -> None:
+def _refuse_another_request(request: _Request, records: Records) -> None:
     """A job_id that already succeeded answers only the same request: another one is an input error."""
+    tracker = request.tracker
     previous = records.get_job(tracker.job_id)
     if not previous or previous.get("status") != "succeeded":
         return
@@ -164,7 +175,7 @@ def _refuse_another_request(job: TrainingJob, settings: WorkerSettings, tracker:
         manifest = None
     if manifest is None:
         return  # nothing to compare with (no artifact record): train again
-    differences = _request_differences(job, settings, tracker, manifest)
+    differences = request.differences(manifest)
     if differences:
         raise InputError(
             f"job_id {tracker.job_id!r} already succeeded with a different request: {'; '.join(differences)}. "
@@ -316,7 +327,7 @@ def _prefetch(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
 
 
 def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records: Records,
-           cancel: threading.Event | None = None,
+           request: _Request, cancel: threading.Event | None = None,
            base_cache: BaseModelCache | None = None) -> tuple[StoredArtifact, str]:
     """Train, store, record — each at most once per job_id; the stored artifact and its record id.
 
@@ -330,16 +341,18 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     with tracker.stage("upload", "upload_s", report=False):
         store.claim(job.output.prefix, job_id)  # another job's place fails here, before any GPU minute
         stored = store.find_complete(job.output.prefix, job_id)
-    kept = stored.manifest if stored is not None else _complete_job_folder(job_dir)
-    if kept is not None and _request_differences(job, settings, tracker, kept):
+    # Verified once: it hashes every file of the folder, an adapter of gigabytes included.
+    folder = _complete_job_folder(job_dir) if stored is None else None
+    kept = stored.manifest if stored is not None else folder
+    if kept is not None and request.differences(kept):
         # An earlier delivery that did not succeed, of another request: it starts over.
         logger.info("job %s: the earlier attempt was another request; training anew", job_id)
-        stored = None
+        stored = folder = None
         shutil.rmtree(job_dir, ignore_errors=True)
     if stored is not None:
         logger.info("job %s: already stored at %s; recording it without training again", job_id,
                     stored.adapter_uri)
-    elif job_dir.exists() and _complete_job_folder(job_dir):
+    elif folder is not None:
         logger.info("job %s: the trained adapter at %s is complete; storing it without training again",
                     job_id, job_dir)
     else:

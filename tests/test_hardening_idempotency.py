@@ -22,6 +22,26 @@ def _job(**overrides) -> dict:
     return {"id": "rp", "input": small_job(job_id="idem", **overrides)}
 
 
+def test_a_resent_succeeded_job_reads_its_dataset_once(volume, monkeypatch):
+    """The request is compared before the row changes and again with the stored artifact: one read."""
+    import dataset_loader
+
+    first = handler.handler(_job())
+    assert first["status"] == "succeeded", first
+    reads = []
+    real = dataset_loader.read_dataset
+
+    def counted(*args, **kwargs):
+        reads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset_loader, "read_dataset", counted)
+    _no_training(monkeypatch)
+    again = handler.handler(_job())
+    assert again["status"] == "succeeded" and again["adapter"] == first["adapter"], again
+    assert len(reads) == 1, reads
+
+
 def test_the_same_request_returns_the_stored_result_and_a_different_one_is_refused(volume, monkeypatch):
     first = handler.handler(_job())
     assert first["status"] == "succeeded", first
