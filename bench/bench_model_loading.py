@@ -33,9 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def evict(folder: Path) -> None:
+    """Drop a folder's files from the page cache, so the next read comes from the disk."""
     for path in folder.rglob("*"):
         if path.is_file():
             with open(path, "rb") as fh:
+                os.fsync(fh.fileno())  # dirty pages (a model just written) are not dropped otherwise
                 os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import statistics
 import subprocess
@@ -35,25 +34,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-WORDS = ("the capital of a country is its largest city in many cases but not always and rivers "
-         "mountains languages answer question explain list summarise translate").split()
+# The data, the page-cache eviction and the timed read are the other benches' own.
+from bench.bench_model_loading import evict, read_sequential  # noqa: E402
+from bench.train_throughput import WORDS, records  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIZES = {"quick": {"hidden_size": 512, "layers": 6, "examples": 64},
          "full": {"hidden_size": 768, "layers": 8, "examples": 256}}
 COMMON = {"epochs": 1, "batch_size": 8, "max_seq_length": 512, "lora_r": 16, "lora_alpha": 32,
           "lora_dropout": 0.0, "seed": 42, "learning_rate": 2e-4}
 ARMS = ("padded", "trl_default", "worker")
-
-
-def records(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        length = min(int(rng.lognormvariate(3.3, 0.9)), 300)  # words: median ~27, long tail
-        answer = " ".join(rng.choice(WORDS) for _ in range(max(length, 2)))
-        out.append({"messages": [{"role": "user", "content": "Tell me something."},
-                                 {"role": "assistant", "content": answer}]})
-    return out
 
 
 def _env() -> dict[str, str]:
@@ -129,26 +119,6 @@ def arm_trl_default(work: Path) -> dict:
     return {"tokens": tokens, "train_s": seconds, "gradient_checkpointing": args.gradient_checkpointing}
 
 
-def _drop_page_cache(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def _read_sequential(folder: Path) -> float:
-    started = time.monotonic()
-    for path in sorted(folder.rglob("*.safetensors")):
-        with open(path, "rb", buffering=0) as f:
-            while f.read(16 * 1024 * 1024):
-                pass
-    return time.monotonic() - started
-
-
 def arm_worker(work: Path, round_: int) -> dict:
     """Two jobs with the same base on one warm worker, through handler.handler."""
     volume = work / f"volume-{round_}"
@@ -156,9 +126,9 @@ def arm_worker(work: Path, round_: int) -> dict:
     import handler
 
     model = volume / "models" / "bench-llama"
-    _drop_page_cache(model)
-    read_s = _read_sequential(model)
-    _drop_page_cache(model)
+    evict(model)
+    read_s = read_sequential(model)
+    evict(model)
     # one optimizer step per batch, as the Trainer's and TRL's defaults do
     hp = {**COMMON, "target_modules": TARGETS, "logging_steps": 1000, "gradient_accumulation_steps": 1}
     jobs = []
