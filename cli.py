@@ -255,15 +255,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
             document = json.loads(Path(args.input).read_text())
             payload = document.get("input", document) if isinstance(document, dict) else payload
         hp = TrainingJob.from_payload({**payload, "dataset": payload.get("dataset") or "plan-only.jsonl"})
-        from training.memory_plan import meta_model, plan_memory
+        from training.memory_plan import plan_memory
+        from training.plan_shape import model_skeleton
 
         folder = _config_folder(args.base)
-        model = meta_model(folder)  # built once, planned three ways
-        plan = plan_memory(folder, hp.hyperparameters, cuda=True, devices=args.gpus, model=model)
+        # Read once, planned three ways; from config.json alone for the families the worker knows (no
+        # torch import: the answer comes in well under a second), else built on the meta device.
+        skeleton = model_skeleton(folder)
+        plan = plan_memory(folder, hp.hyperparameters, cuda=True, devices=args.gpus, skeleton=skeleton)
         options = {}  # 'auto' picks one; the user sees both verdicts
         for quantization in ("none", "4bit") if hp.hyperparameters.quantization == "auto" else ():
             other = plan_memory(folder, hp.hyperparameters.model_copy(update={"quantization": quantization}),
-                                cuda=True, devices=args.gpus, model=model)
+                                cuda=True, devices=args.gpus, skeleton=skeleton)
             options[quantization] = {"fits": other.fits, "strategy": other.strategy,
                                      "per_device_gib": round(other.per_device_bytes / 1024**3, 1)}
     except (OSError, ValueError, WorkerError) as exc:

@@ -66,3 +66,19 @@ def test_a_job_file_is_planned_and_expert_lora_on_4bit_is_refused(config_only, t
 def test_bad_gpus_is_a_usage_error(config_only):
     done = _plan("--base", str(config_only), "--gpus", "80")
     assert done.returncode == 2 and "--gpus must be COUNTxGiB" in done.stderr
+
+
+def test_the_80b_is_planned_without_torch_or_a_modeling_file(config_only):
+    """The published families are planned from config.json alone: importing torch and a modeling file
+    (about 5 s) would be the whole time budget of the command."""
+    probe = ("import sys, cli\n"
+             "rc = cli.main(['plan', '--base', sys.argv[1], '--gpus', '1x80'])\n"
+             "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'transformers.models')))\n"
+             "print('LOADED', loaded, file=sys.stderr)\n"
+             "sys.exit(rc)\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(config_only)], cwd=ROOT, capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stderr
+    plan, _ = _json_and_words(done.stdout)
+    assert plan["options"]["none"]["fits"] is False and plan["options"]["4bit"]["fits"] is True

@@ -1,8 +1,9 @@
 """Will this job fit? A memory plan made before any weight is loaded.
 
-From the model folder's ``config.json`` (the model is built on the meta device: module types and the
-shapes parameters really have in memory, no storage) and its safetensors headers (dtype and shape of
-every stored tensor, read from the first bytes of each file), counted per parameter group:
+From the model folder's ``config.json`` (its skeleton, training/plan_shape.py: derived from the config
+alone for the families this worker serves, else built on the meta device) and its safetensors headers
+(the exact bytes of every stored tensor, read from the first bytes of each file), counted per
+parameter group:
 
 - weights under the chosen quantization, counting what is really quantized: ``nn.Linear`` weights
   (never ``lm_head``) through bitsandbytes, and under 4-bit also the fused 3-D routed experts of a
@@ -33,10 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from errors import ModelError, TrainingError
-from models.safetensors import SAFETENSORS_BYTES, safetensors_headers
-from training.moe_quant import EXPERT_PARAMETER_NAMES, nf4_bytes
-from training.runtime import choose_checkpointing, choose_precision, choose_quantization, this_machine
-from training.targets import _generic_name, refuse_expert_lora_on_4bit, resolve_targets
+from models.safetensors import SafetensorsError, read_weight_headers
+from training.moe_quant import nf4_bytes
+from training.plan_shape import Shape, measure, model_skeleton
+from training.runtime import (
+    choose_checkpointing,
+    choose_precision,
+    choose_quantization,
+    this_machine,
+)
+from training.skeleton import Skeleton
+from training.targets import refuse_expert_lora_on_4bit
 
 GiB = 1024**3
 LORA_BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 moments
@@ -131,17 +139,13 @@ class MemoryPlan:
 # reading the model without its weights
 
 
-def meta_model(model_dir: Path, trust_remote_code: bool = False):
-    """The model built on the meta device from its config: real module types and shapes, no storage."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def stored_bytes(model_dir: Path) -> int:
+    """Bytes of the stored weights, from the safetensors headers' data offsets; 0 without weights."""
     try:
-        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"could not read the model's config in {model_dir} to plan memory: {exc}") from exc
+        tensors = read_weight_headers(model_dir) or {}
+    except SafetensorsError as exc:
+        raise ModelError(f"{Path(model_dir).name}: {exc}; download the model again") from None
+    return sum(t.end - t.start for t in tensors.values())
 
 
 def group_of(name: str) -> str:
@@ -174,72 +178,7 @@ def _quantized_bytes(numel: int, rows: int, quantization: str) -> int:
 # the plan
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """What the plan needs from the model, measured once and reused for every alternative."""
-
-    model_type: str
-    parameters: list[tuple[str, int, int, str]]  # name, numel, rows, kind: linear | expert | ""
-    lora_parameters: int  # on Linear layers
-    expert_lora_parameters: int  # on the fused routed experts
-    expert_targets: list[str]  # the routed-expert parameters the request adapts
-    explicit_expert_targets: bool  # named in target_modules (not just implied by 'auto')
-    expert_layer_elements: list[int]  # fused routed-expert elements per MoE layer
-    per_token_layer_elements: list[int]  # activation elements saved per token, per decoder layer
-    hidden_size: int
-    vocab_size: int
-    stored_bytes: int
-
-
-def _measure(model, lora_r: int, target_modules, stored_bytes: int) -> _Shape:
-    import torch.nn as nn
-
-    linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    expert_weights = {f"{name}.{p}" for name, module in model.named_modules()
-                      if type(module).__name__.endswith("Experts") for p in EXPERT_PARAMETER_NAMES}
-    params = []
-    expert_layers: dict[str, int] = {}
-    for name, param in model.named_parameters():
-        kind = "linear" if name in linear_weights and not name.startswith("lm_head") else ""
-        if name in expert_weights and param.ndim == 3:
-            kind = "expert"
-            layer = name.rsplit(".", 2)[0]
-            expert_layers[layer] = expert_layers.get(layer, 0) + param.numel()
-        rows = param.shape[0] if param.ndim >= 1 else 1
-        params.append((name, param.numel(), rows, kind))
-
-    targets = resolve_targets(model, target_modules)
-    lora = experts_lora = 0
-    for name, module in model.named_modules():
-        generic = _generic_name(name)
-        if isinstance(module, nn.Linear) and any(generic == t or generic.endswith("." + t) for t in targets.modules):
-            lora += lora_r * (module.in_features + module.out_features)
-    for name, param in model.named_parameters():
-        if param.ndim == 3 and any(name.endswith(p) for p in targets.parameters):
-            experts, a, b = param.shape
-            experts_lora += experts * lora_r * (a + b)
-
-    config = model.config.get_text_config()
-    top_k = getattr(config, "num_experts_per_tok", 1) or 1
-    layers = [m for n, m in model.named_modules() if re.fullmatch(r".*layers\.\d+", n)]
-    per_layer = []
-    for layer in layers:
-        # Each projection keeps its input for the backward pass and produces an output; routed
-        # experts see top_k copies of every token. Plus norms and residuals: 4 × hidden.
-        elements = 4 * config.hidden_size
-        for sub_name, sub in layer.named_modules():
-            if isinstance(sub, nn.Linear):
-                elements += sub.in_features + sub.out_features
-        for sub_name, param in layer.named_parameters():
-            if param.ndim == 3 and ".experts." in f".{sub_name}":
-                elements += top_k * (param.shape[1] + param.shape[2])
-        per_layer.append(elements)
-    return _Shape(config.model_type, params, lora, experts_lora, list(targets.parameters),
-                  bool(targets.parameters) and target_modules not in ("auto", "all-linear"),
-                  list(expert_layers.values()), per_layer, config.hidden_size, config.vocab_size, stored_bytes)
-
-
-def _weights(shape: _Shape, quantization: str, precision: str) -> tuple[dict[str, Group], int]:
+def _weights(shape: Shape, quantization: str, precision: str) -> tuple[dict[str, Group], int]:
     groups = {g: Group() for g in GROUPS}
     # peft's k-bit preparation upcasts what a quantized load left in 16 bits to fp32
     dtype_bytes = DTYPE_BYTES[precision] if quantization == "none" else 4
@@ -259,12 +198,12 @@ def _quantized(kind: str, quantization: str) -> bool:
     return (kind == "linear" and quantization != "none") or (kind == "expert" and quantization == "4bit")
 
 
-def _lora_parameters(shape: _Shape, quantization: str) -> int:
+def _lora_parameters(shape: Shape, quantization: str) -> int:
     """LoRA on 4-bit experts is refused; 'auto' then adapts everything but the experts."""
     return shape.lora_parameters + (shape.expert_lora_parameters if quantization != "4bit" else 0)
 
 
-def _dequantized_experts(shape: _Shape, quantization: str, precision: str, checkpointing: bool) -> int:
+def _dequantized_experts(shape: Shape, quantization: str, precision: str, checkpointing: bool) -> int:
     """4-bit experts are dequantized for use: two layers at a time with checkpointing, else kept for backward."""
     if quantization != "4bit" or not shape.expert_layer_elements:
         return 0
@@ -277,7 +216,7 @@ def _lora_bytes_per_parameter(quantization: str) -> int:
     return LORA_BYTES_PER_PARAMETER if quantization == "none" else QLORA_BYTES_PER_PARAMETER
 
 
-def _activations(shape: _Shape, tokens: int, precision: str, checkpointing: bool) -> int:
+def _activations(shape: Shape, tokens: int, precision: str, checkpointing: bool) -> int:
     dtype_bytes = DTYPE_BYTES[precision]
     logits = tokens * shape.vocab_size * LOGIT_BYTES_PER_ELEMENT
     if checkpointing:  # layer inputs only, and one layer recomputed at a time
@@ -287,7 +226,7 @@ def _activations(shape: _Shape, tokens: int, precision: str, checkpointing: bool
     return tokens * kept * dtype_bytes + logits
 
 
-def _fit(shape: _Shape, *, quantization: str, precision: str, devices: list[int], cuda: bool,
+def _fit(shape: Shape, *, quantization: str, precision: str, devices: list[int], cuda: bool,
          tokens: int, checkpointing: bool, shard: bool) -> tuple[Fit, dict]:
     groups, weight_bytes = _weights(shape, quantization, precision)
     lora_bytes = _lora_parameters(shape, quantization) * _lora_bytes_per_parameter(quantization)
@@ -305,7 +244,7 @@ def _fit(shape: _Shape, *, quantization: str, precision: str, devices: list[int]
                  "activation_bytes": activations, "overhead_bytes": overhead, "expert_dequant_bytes": dequant}
 
 
-def _layer_bytes(shape: _Shape, quantization: str, precision: str):
+def _layer_bytes(shape: Shape, quantization: str, precision: str):
     per_layer: dict[str, int] = {}
     for name, numel, rows, kind in shape.parameters:
         match = re.search(r"layers\.(\d+)\.", name)
@@ -326,13 +265,14 @@ def detect_devices() -> tuple[bool, list[int]]:
 
 
 def plan_memory(model_dir: str | Path, hp, *, cuda: bool | None = None, devices: list[int] | None = None,
-                trust_remote_code: bool = False, model=None) -> MemoryPlan:
+                trust_remote_code: bool = False, skeleton: Skeleton | None = None) -> MemoryPlan:
     """The memory plan of training ``hp`` on the model in ``model_dir`` on these devices.
 
     ``cuda``/``devices`` default to this machine; pass them to plan for another one (assumed to have
     bf16, as every current data-center GPU does). Precision, quantization and gradient checkpointing
     follow training/runtime.py's rules, the ones training loads with. Nothing is raised for a job
-    that does not fit: see ``require_fit``.
+    that does not fit: see ``require_fit``. ``skeleton`` saves reading the config again when one
+    model is planned several ways.
     """
     bf16 = True
     if cuda is None or devices is None:
@@ -340,10 +280,9 @@ def plan_memory(model_dir: str | Path, hp, *, cuda: bool | None = None, devices:
         bf16 = this_machine()[1]
     precision = choose_precision(cuda, bf16)
     model_dir = Path(model_dir)
-    headers = safetensors_headers(model_dir)
-    stored = sum(SAFETENSORS_BYTES.get(dtype, 2) * math.prod(shape) for dtype, shape in headers.values())
-    model = model if model is not None else meta_model(model_dir, trust_remote_code)
-    shape = _measure(model, hp.lora_r, hp.target_modules, stored)
+    stored = stored_bytes(model_dir)
+    skeleton = skeleton if skeleton is not None else model_skeleton(model_dir, trust_remote_code)
+    shape = measure(skeleton, hp.lora_r, hp.target_modules, stored)
     checkpointing = choose_checkpointing(hp.gradient_checkpointing, cuda)
     tokens = hp.batch_size * hp.max_seq_length
 
@@ -352,7 +291,7 @@ def plan_memory(model_dir: str | Path, hp, *, cuda: bool | None = None, devices:
                     tokens=tokens, checkpointing=checkpointing, shard=shard)
 
     if hp.quantization == "4bit" and shape.explicit_expert_targets and shape.expert_layer_elements:
-        raise refuse_expert_lora_on_4bit(shape.expert_targets)
+        raise refuse_expert_lora_on_4bit(list(shape.expert_targets))
     if hp.quantization != "auto":
         candidates = [(hp.quantization, False)] + ([(hp.quantization, True)] if cuda and len(devices) > 1
                                                    and hp.quantization == "none" else [])
@@ -394,7 +333,7 @@ def plan_memory(model_dir: str | Path, hp, *, cuda: bool | None = None, devices:
     return plan
 
 
-def _expert_lora_needs(shape: _Shape, attempt, devices: list[int], cuda: bool) -> str:
+def _expert_lora_needs(shape: Shape, attempt, devices: list[int], cuda: bool) -> str:
     """What LoRA on the routed experts takes: 16-bit experts (4-bit ones cannot be adapted), and where that fits."""
     if not shape.expert_layer_elements:
         return ""
@@ -416,7 +355,7 @@ def _expert_lora_needs(shape: _Shape, attempt, devices: list[int], cuda: bool) -
     return words + (" (fits here)" if fit.fits else "")
 
 
-def _alternatives(shape: _Shape, hp, attempt, devices: list[int], cuda: bool, checkpointing: bool) -> list[str]:
+def _alternatives(shape: Shape, hp, attempt, devices: list[int], cuda: bool, checkpointing: bool) -> list[str]:
     """What would fit, in words: more GPUs, 4-bit, gradient checkpointing, shorter rows, a smaller batch."""
     out = []
     size = min(devices) if devices else 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from config.job import Hyperparameters
 from errors import InputError, ModelError
+from training.skeleton import Skeleton, skeleton_of_module
 
 logger = logging.getLogger(__name__)
 
@@ -36,35 +37,25 @@ def _generic_name(module_path: str) -> str:
     return re.sub(r"^.*?\.\d+\.", "", module_path)
 
 
+def as_skeleton(model) -> Skeleton:
+    """A built model's skeleton, or the skeleton itself (training/skeleton.py: one rule serves both)."""
+    return model if isinstance(model, Skeleton) else skeleton_of_module(model)
+
+
 def fused_expert_parameters(model) -> list[str]:
     """The 3-D routed-expert weights (transformers 5 fuses each layer's experts into one parameter).
 
     Returned as 'mlp.experts.gate_up_proj'-style names for peft's ``target_parameters``. Convolutions
     (linear attention's short conv is 3-D too) and anything outside an experts module are ignored.
     """
-    import torch.nn as nn
-
-    found: set[str] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if "expert" not in type(module).__name__.lower() and leaf != "experts":
-            continue
-        for pname, param in module.named_parameters(recurse=False):
-            if param.ndim == 3:
-                found.add(f"{_generic_name(name)}.{pname}")
-    return sorted(found)
+    return sorted({f"{_generic_name(m.name)}.{p}" for m in as_skeleton(model).experts() for p, _ in m.parameters})
 
 
-def _linear_paths(model) -> dict[str, set[str]]:
+def _linear_paths(skeleton: Skeleton) -> dict[str, set[str]]:
     """leaf name → the generic paths of the Linear layers of that name ('mlp.shared_expert.gate_proj')."""
-    import torch.nn as nn
-
     out: dict[str, set[str]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            out.setdefault(name.rsplit(".", 1)[-1], set()).add(_generic_name(name))
+    for m in skeleton.linears():
+        out.setdefault(m.name.rsplit(".", 1)[-1], set()).add(_generic_name(m.name))
     return out
 
 
@@ -83,11 +74,7 @@ def peft_remapped_names(model) -> frozenset[str]:
     ``target_parameters``, for every model transformers converts like qwen2_moe (Qwen3-MoE,
     Qwen3-Next) or mixtral: a shared expert's ``gate_proj`` would silently become expert LoRA.
     """
-    # already loaded with the model's classes: no import cost here
-    from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
-
-    pattern = _MODEL_TO_CONVERSION_PATTERN.get(getattr(model.config, "model_type", None))
-    return PEFT_MOE_REMAPPED.get(pattern, frozenset())
+    return PEFT_MOE_REMAPPED.get(as_skeleton(model).conversion_pattern, frozenset())
 
 
 def _qualified(leaf: str, paths: dict[str, set[str]], remapped: frozenset[str]) -> list[str]:
@@ -116,10 +103,11 @@ def resolve_targets(model, requested: str | list[str], *, quantized_experts: boo
     Where peft would remap a leaf name onto the experts ('gate_proj' on Qwen3-Next's shared expert),
     the Linear layers are named by their paths instead, and ``peft_setup`` keeps peft from rewriting them.
     """
-    paths = _linear_paths(model)
+    skeleton = as_skeleton(model)
+    paths = _linear_paths(skeleton)
     linear = set(paths)
-    remapped = peft_remapped_names(model)
-    fused = fused_expert_parameters(model)
+    remapped = peft_remapped_names(skeleton)
+    fused = fused_expert_parameters(skeleton)
     if requested in ("auto", "all-linear"):
         modules = [q for leaf in sorted(linear - EXCLUDED_MODULES) for q in _qualified(leaf, paths, remapped)]
         parameters = fused if requested == "auto" and not quantized_experts else []
