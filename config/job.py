@@ -163,9 +163,10 @@ class Hyperparameters(StrictModel):
     packing: Literal["auto"] | bool = Field(
         default="auto",
         description="'auto': padding-free batches (no pad tokens; positions restart per example, so "
-                    "no attention across examples) where the model allows it, padded for models with "
-                    "linear-attention layers (Qwen3-Next); true: best-fit packing into max_seq_length "
-                    "rows (fewer steps); false: padded.")
+                    "no attention across examples) where the model allows it; models with linear-"
+                    "attention layers (Qwen3-Next) only where flash-linear-attention and causal-conv1d "
+                    "run them (they keep examples apart), else padded; true: best-fit packing into "
+                    "max_seq_length rows (fewer steps; not for linear attention); false: padded.")
     train_on_inputs: bool = Field(
         default=False,
         description="false: loss on the assistant/completion tokens only; true: on every token "

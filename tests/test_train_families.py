@@ -73,6 +73,8 @@ def test_qwen3_next_adapter_covers_attention_linear_attention_and_experts_not_ro
     model_dir = model_factory("qwen3_next")
     result, _, _ = train_family(settings, model_dir, tmp_path, hyperparameters={"max_steps": 2})
     assert result.target_parameters == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    # no flash-linear-attention / causal-conv1d here: transformers ran its torch reference, and says so
+    assert result.kernels == {"linear_attention": "torch reference"}
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "out_proj"} <= set(result.target_modules)
     assert "shared_expert_gate" not in result.target_modules
     with safe_open(str(result.adapter_dir / "adapter_model.safetensors"), "pt") as fh:

@@ -10,6 +10,7 @@ from trl import SFTConfig
 
 from config.job import Hyperparameters
 from errors import InputError
+from training.kernels import keeps_sequence_boundaries
 from training.request import TrainRequest
 
 
@@ -24,19 +25,22 @@ def plan_batching(hp: Hyperparameters, config) -> str:
     """'packed' (bfd packing), 'padding_free' (one flat row per batch) or 'padded'.
 
     Both unpadded forms pass position ids restarting at 0 per example and no attention mask, so
-    attention never crosses examples. A linear-attention layer's recurrent state would, on the
-    reference kernels (they ignore sequence boundaries), so such models are padded.
+    attention never crosses examples. A linear-attention layer carries its state along the row: it
+    keeps examples apart only when transformers runs it on the fused kernels (flash-linear-attention
+    and causal-conv1d), to which it passes the boundaries TRL's collator computes (``cu_seq_lens_q``
+    as ``cu_seqlens``, and ``seq_idx``). Its torch reference code cannot, and raises on them; such a
+    model is padded then (docs/linear-attention-padding-free.md).
     """
     recurrent = has_recurrent_layers(config)
     if hp.packing is True:
         if recurrent:
             raise InputError(
                 f"hyperparameters.packing true is not supported for {config.model_type}: its linear-"
-                "attention layers would carry state from one packed example into the next; set packing "
-                "to false or 'auto'"
+                "attention layers carry state along a packed row; set packing to 'auto' (padding-free "
+                "batches where the fused linear-attention kernels keep examples apart, else padded) or false"
             )
         return "packed"
-    if hp.packing == "auto" and not recurrent:
+    if hp.packing == "auto" and (not recurrent or keeps_sequence_boundaries(config.model_type)):
         return "padding_free"
     return "padded"
 
