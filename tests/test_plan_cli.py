@@ -82,3 +82,10 @@ def test_the_80b_is_planned_without_torch_or_a_modeling_file(config_only):
     assert "LOADED []" in done.stderr
     plan, _ = _json_and_words(done.stdout)
     assert plan["options"]["none"]["fits"] is False and plan["options"]["4bit"]["fits"] is True
+
+
+def test_a_broken_config_is_a_usage_error_naming_it(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    done = _plan("--base", str(tmp_path), "--gpus", "1x80")
+    assert done.returncode == 2 and "could not read the model's config" in done.stderr
+    assert str(tmp_path / "config.json") in done.stderr

@@ -69,13 +69,14 @@ def skeleton_of_module(model) -> Skeleton:
                 modules.append(Module(name, EXPERTS, parameters=own))
     config = model.config.get_text_config()
     return Skeleton(
-        model_type=config.model_type,
+        model_type=getattr(config, "model_type", None) or "",
         conversion_pattern=_conversion_pattern_of(model.config),
         modules=tuple(modules),
         parameters=tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
         layers=tuple(n for n, _ in model.named_modules() if _LAYER.fullmatch(n)),
-        hidden_size=config.hidden_size,
-        vocab_size=config.vocab_size,
+        # LoRA targets need none of these three, only the plan: a config without them still resolves
+        hidden_size=getattr(config, "hidden_size", 0) or 0,
+        vocab_size=getattr(config, "vocab_size", 0) or 0,
         experts_per_token=getattr(config, "num_experts_per_tok", 1) or 1,
     )
 
