@@ -17,10 +17,6 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
-                     "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
 class SafetensorsError(ValueError):
     """A file that is not a readable safetensors file, or a weight index that is not valid."""
 
