@@ -174,7 +174,8 @@ def part_padded(work: Path, shape: dict, device: str, attention: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     rows = _rows(tokenizer, work)
     started = time.monotonic()
-    placement = {"device_map": device} if device == "cuda" else {}
+    # Straight onto the GPU; {"": 0} (not "cuda") so the Trainer sees the model on its own device.
+    placement = {"device_map": {"": 0}} if device == "cuda" else {}
     model = _lora(AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(device), attn_implementation=attention,
                                                        **placement))
     load_s = time.monotonic() - started
@@ -356,7 +357,11 @@ def _work_folder(bytes_needed: int) -> Path:
             work = Path(tempfile.mkdtemp(prefix="gpu-bench-", dir=base))
             (work / "owner.pid").write_text(str(os.getpid()))
             return work
-    raise SystemExit(f"no room for the model ({bytes_needed / 2**30:.1f} GiB) in /dev/shm or {tempfile.gettempdir()}")
+    raise NoRoom(f"no room for the model ({bytes_needed / 2**30:.1f} GiB) in /dev/shm or {tempfile.gettempdir()}")
+
+
+class NoRoom(RuntimeError):
+    """The section cannot start: nowhere to save the model."""
 
 
 def _alive(pid: int) -> bool:
@@ -407,6 +412,7 @@ def run_section(shape_name: str, device: str, budget_s: float, out: Path, comman
                 kind = "padded" if part.startswith("padded") else part
                 timeout = min(shape["timeouts"][kind], started + budget_s - time.monotonic())
                 part_started = time.monotonic()
+                result["parts"][part] = {"status": "stopped: the bench was terminated while it ran"}
                 rows, status = run_part([sys.executable, str(Path(__file__).resolve()), "--part", part,
                                          "--work", str(work), "--shape", shape_name, "--device", device],
                                         timeout, logs / f"{out.stem}-{part}.log", _child_env(device))
@@ -416,6 +422,10 @@ def run_section(shape_name: str, device: str, budget_s: float, out: Path, comman
                 result["parts"][part] = {"status": status}
             result["seconds"] = round(time.monotonic() - started, 1)
             write(out, summarise(result, shape))
+    except SystemExit:  # SIGTERM (_stop_children): keep the part that was running in the record
+        result["seconds"] = round(time.monotonic() - started, 1)
+        write(out, summarise(result, shape))
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["seconds"] = round(time.monotonic() - started, 1)
@@ -519,7 +529,10 @@ def section(mode: str, out: Path) -> dict:
     device, reason = detect_device(None)
     if device is None:
         return {"skipped": reason}
-    return run_section("8b", device, 300, out, "bench/run.py (its GPU section: bench/gpu.py --shape 8b)")
+    try:
+        return run_section("8b", device, 300, out, "bench/run.py (its GPU section: bench/gpu.py --shape 8b)")
+    except NoRoom as exc:  # the CPU arms' figures are still printed
+        return {"error": str(exc)}
 
 
 def main() -> None:
@@ -543,8 +556,12 @@ def main() -> None:
         if shape == "8b" and device != "cuda":
             parser.error("--shape 8b needs CUDA (16 GB of bf16 weights); use --shape tiny for a CPU rehearsal")
         signal.signal(signal.SIGTERM, _stop_children)  # `timeout` sends SIGTERM: stop the children too
-        summary = run_section(shape, device, args.budget_s, args.out,
-                              " ".join(["python bench/gpu.py", *sys.argv[1:]]))
+        try:
+            summary = run_section(shape, device, args.budget_s, args.out,
+                                  " ".join(["python bench/gpu.py", *sys.argv[1:]]))
+        except NoRoom as exc:
+            print(json.dumps({"gpu": {"error": str(exc)}}))
+            sys.exit(1)
         print(markdown(summary), file=sys.stderr)
     print(json.dumps({"gpu": summary}))
 
