@@ -212,6 +212,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the small model and data (9 min on 2 shared cores; longer under heavy load)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "run.json")
+    parser.add_argument("--gpu", choices=("auto", "off"), default="auto",
+                        help="the GPU section (bench/gpu.py) after the CPU arms: auto runs it when CUDA is present")
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
@@ -241,6 +243,9 @@ def main() -> None:
     config = AutoConfig.from_pretrained(work / "model")
     params = _count_parameters(work / "model")
     summary = summarise(runs)
+    from bench.gpu import section
+
+    summary["gpu"] = section(args.gpu, args.out.with_name(args.out.stem + "-gpu.json"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": " ".join(["bench/run.py", *sys.argv[1:]]),

@@ -7,7 +7,8 @@
 # tokenizers, pyarrow, tensorboard, pytest) lacks what the GPU tests import beyond those: trl,
 # datasets (and its dill, multiprocess, xxhash, pandas), bitsandbytes, pydantic(-settings). runpod and
 # boto3 are not carried: the GPU tests never import them (handler imports runpod only in main();
-# S3 and Supabase clients are imported only when configured). Everything must fit 64 MiB:
+# S3 and Supabase clients are imported only when configured); the benchmark's GPU section (bench/gpu.py)
+# imports nothing beyond the worker and transformers' Trainer. Everything must fit 64 MiB:
 # bitsandbytes 0.50.2's wheel alone is 43 MB, most of it its CUDA 11/12 and ROCm libraries; the machine's
 # torch is CUDA 13, so the wheel travels slimmed to its CUDA 13 and CPU libraries (scripts/slim_wheel.py).
 # transformers 5.24 does not travel: the check runs on the machine's transformers 5.17.
