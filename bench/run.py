@@ -14,6 +14,12 @@ and each arm's peak RSS is its own):
   worker. Before the first, the model's files are dropped from the page cache and read once
   sequentially (timed), then dropped again: the first job's load is a cold load from disk.
 
+``load_vs_read`` is the first job's ``load_s`` (a cold load: its base read from disk) ÷ that sequential
+read. On the 58 MB --quick model it is mostly the fixed cost of building the modules, so the worker's
+load path is also timed against a read on a larger Llama shape (``load_vs_read_large``: about 0.55 GB,
+built once into build/bench-load-large; bench/bench_model_loading.py --worker-load, a fresh process
+per round).
+
 Speed is real (non-padding) tokens per second of training. The last printed line is one JSON object:
 each figure's median over the rounds and its spread (min, max). Measurements, never a test.
 """
@@ -44,6 +50,8 @@ SIZES = {"quick": {"hidden_size": 512, "layers": 6, "examples": 64},
 COMMON = {"epochs": 1, "batch_size": 8, "max_seq_length": 512, "lora_r": 16, "lora_alpha": 32,
           "lora_dropout": 0.0, "seed": 42, "learning_rate": 2e-4}
 ARMS = ("padded", "trl_default", "worker")
+# load_vs_read_large: a Llama shape of about 0.55 GB fp32 (vocab 32,000), random weights, built once
+LARGE_LOAD = {"hidden": 768, "layers": 12, "workdir": ROOT / "build" / "bench-load-large"}
 
 
 def _env() -> dict[str, str]:
@@ -235,12 +243,15 @@ def main() -> None:
             runs[arm].append(row)
             print(f"round {round_} {arm:12s} {row['tokens_per_second']:7.0f} real tok/s "
                   f"({row['tokens']} tokens in {row['train_s']:.1f}s) peak {row['peak_rss_mb']:.0f} MB", flush=True)
+    large = large_loads(ROUNDS)
     import torch
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(work / "model")
     params = _count_parameters(work / "model")
     summary = summarise(runs)
+    summary["load_vs_read_large"] = spread([r["load_vs_read"] for r in large])
+    summary["large_model_mb"] = round(large[0]["bytes"] / 1e6, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": " ".join(["bench/run.py", *sys.argv[1:]]),
@@ -248,8 +259,24 @@ def main() -> None:
                     "threads": 1},
         "setup": {"model": f"llama hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
                            f"{params / 1e6:.1f}M parameters (random)", "examples": size["examples"], **COMMON},
-        "seconds": round(time.monotonic() - started, 1), "runs": runs, "summary": summary}, indent=2) + "\n")
+        "seconds": round(time.monotonic() - started, 1), "runs": runs, "large_loads": large,
+        "summary": summary}, indent=2) + "\n")
     print(json.dumps(summary))
+
+
+def large_loads(rounds: int) -> list[dict]:
+    """The worker's cold load against a sequential read on the larger model, a fresh process per round."""
+    rows = []
+    for _ in range(rounds):
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_model_loading.py"), "--worker-load",
+                               "--hidden", str(LARGE_LOAD["hidden"]), "--layers", str(LARGE_LOAD["layers"]),
+                               "--workdir", str(LARGE_LOAD["workdir"])], env=_env(), capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"the large-model load failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"large model load {rows[-1]['load_s'] + rows[-1]['snapshot_s']:.2f}s, read {rows[-1]['read_s']:.2f}s "
+              f"({rows[-1]['bytes'] / 1e6:.0f} MB): {rows[-1]['load_vs_read']:.2f}", flush=True)
+    return rows
 
 
 def _count_parameters(folder: Path) -> int:
