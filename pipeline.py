@@ -78,7 +78,7 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
     started = time.monotonic()
     job_id = job.job_id or "job"
     if job.action == "validate":
-        return _validate(job, settings, Tracker(job_id, None, notify, settings.progress_interval_s))
+        return _validate(job, settings, Tracker(job_id, None, notify, settings.progress_interval_s), base_cache)
     if job.action == "prefetch":
         return _prefetch(job, settings, Tracker(job_id, None, notify, settings.progress_interval_s))
 
@@ -303,11 +303,20 @@ def _scratch(folder: Path) -> Iterator[None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _plan_memory(job: TrainingJob, resolved: ResolvedModel, tracker: Tracker):
-    """The memory plan, before any weight is loaded: a job that cannot fit fails here, in seconds."""
+def _plan_memory(job: TrainingJob, resolved: ResolvedModel, tracker: Tracker,
+                 base_cache: BaseModelCache | None = None):
+    """The memory plan, before any weight is loaded: a job that cannot fit fails here, in seconds.
+
+    The plan builds the model on the meta device. transformers sets torch's default dtype for the
+    whole process while it builds a model, so a base an earlier job left loading is waited for first
+    (counted in this job's load_s); the data was read and the tokenizer loaded meanwhile.
+    """
     from training.memory_plan import plan_memory, require_fit
     from training.runtime import plan_runtime
 
+    if base_cache is not None and base_cache.loading:
+        with tracker.stage("model", "stage_s"):
+            base_cache.settle()
     with tracker.stage("train", "plan_s"):
         plan = plan_memory(resolved.path, job.hyperparameters, trust_remote_code=resolved.trust_remote_code)
         runtime = plan_runtime(job.hyperparameters, plan)
@@ -316,7 +325,8 @@ def _plan_memory(job: TrainingJob, resolved: ResolvedModel, tracker: Tracker):
     return plan, runtime
 
 
-def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> dict:
+def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
+              base_cache: BaseModelCache | None = None) -> dict:
     with tracker.stage("model", "resolve_s"):
         try:
             located = resolve_model(job.base_model, job.model_revision, settings, download=False)
@@ -327,7 +337,7 @@ def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
         with _scratch(workdir):
             _init_adapter(job, settings, tracker, located, workdir)
     resolved, _, prepared = _prepare(job, settings, tracker, located)
-    plan, _ = _plan_memory(job, resolved, tracker)
+    plan, _ = _plan_memory(job, resolved, tracker, base_cache)
     return {"job_id": job.job_id, "status": "valid", "base_model": resolved.to_output(),
             "dataset": prepared.report.to_dict(), "memory_plan": plan.to_dict()}
 
@@ -430,7 +440,7 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
     raw, resolved, tokenizer = _read(job, settings, tracker, located)
     if located is None:
         init = _init_adapter(job, settings, tracker, resolved)
-    plan, runtime = _plan_memory(job, resolved, tracker)
+    plan, runtime = _plan_memory(job, resolved, tracker, base_cache)
 
     with tracker.stage("model", "stage_s"):
         load = plan_loading(resolved.path, settings.model_load_strategy, settings.local_stage_dir)

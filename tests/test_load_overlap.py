@@ -71,8 +71,17 @@ class Recorder:
                 self.events.append("tokenize_finished")
                 self.tokenize_seconds.append(time.monotonic() - started)
 
+        from training import memory_plan
+
+        real_plan = memory_plan.plan_memory
+
+        def plan(*args, **kwargs):
+            self.events.append("plan")
+            return real_plan(*args, **kwargs)
+
         monkeypatch.setattr(train_lora, "load_base_model", load)
         monkeypatch.setattr(dataset_loader, "tokenize_dataset", tokenize)
+        monkeypatch.setattr(memory_plan, "plan_memory", plan)
 
 
 def _load_threads() -> list[threading.Thread]:
@@ -119,10 +128,13 @@ def test_a_dataset_that_tokenizes_to_nothing_fails_at_once_and_its_load_serves_t
     assert not seen.release.is_set() and "load_finished" not in seen.events
     assert cache.loading and [t.is_alive() for t in _load_threads()] == [True]
 
-    seen.release.set()
+    # The next job reads its data while the load goes on, and waits for it before its memory plan
+    # builds a model (transformers sets torch's default dtype process-wide while it builds one).
+    threading.Timer(1.0, seen.release.set).start()
     second = _run("after-nothing")
     assert second["base_model"]["load"]["reused"] is True  # joined the load the failed job started
     assert seen.events.count("load_started") == 1
+    assert seen.events.index("load_finished") < len(seen.events) - 1 - seen.events[::-1].index("plan"), seen.events
     assert not _load_threads()
 
 

@@ -14,7 +14,9 @@ checksum of a sample of them unchanged. Any doubt frees the base, and the next j
 A fresh load may run in a thread of its own while the job tokenizes its data (``BaseLease.start_load``).
 If the job fails before it takes the model (a dataset that tokenizes to nothing), the load in flight
 is not wasted: the cache keeps it, the next job with the same base joins it, and any other job or
-``clear`` waits for it to finish and frees it. A thread cannot be stopped half-way, so waiting is the
+``clear`` waits for it to finish and frees it. The next job reads its data meanwhile, but waits for
+the load (``settle``) before it builds any model itself: transformers sets torch's default dtype for
+the whole process while it builds one. A thread cannot be stopped half-way, so waiting is the
 only way to be sure its memory is freed; ``standalone`` (the cache off) waits for it at once.
 
 One cache per worker process (handler.py holds it); the multi-process path (ddp, fsdp) never uses it.
@@ -216,6 +218,10 @@ class PendingLoad:
     def done(self) -> bool:
         return self._future.done()
 
+    def wait(self) -> None:
+        """Wait for the load to end, however it ends (its result or error stays for ``result``)."""
+        self._thread.join()
+
     def result(self) -> tuple[Any, _Snapshot]:
         """Wait for the load; its (model, snapshot), or its exception raised here."""
         self._thread.join()
@@ -316,6 +322,15 @@ class BaseModelCache:
     def loading(self) -> bool:
         """A load some job started is still running (kept for the next job with its base)."""
         return self._pending is not None and not self._pending.done()
+
+    def settle(self) -> None:
+        """Wait for a load in flight to end, keeping what it made for the next job with its base.
+
+        transformers sets torch's default dtype for the whole process while it builds a model: no
+        other model may be built (a memory plan's meta model) while a load runs unwatched.
+        """
+        if self._pending is not None:
+            self._pending.wait()
 
     def clear(self, reason: str = "") -> None:
         """Free the kept base (a different base is coming, memory is needed, or the cache is off); a load
