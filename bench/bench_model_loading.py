@@ -137,8 +137,12 @@ def main() -> None:
                         help="serve the model through bench/latency_fs.py, adding this delay to every read")
     parser.add_argument("--worker-load", action="store_true",
                         help="time the worker's own load path once against a sequential read (one JSON line)")
+    parser.add_argument("--folder", type=Path, help="with --worker-load: this saved model instead of one built")
     args = parser.parse_args()
 
+    if args.worker_load and args.folder:
+        print(json.dumps(worker_load(args.folder)))
+        return
     from models.staging import filesystem_type, stage_folder
 
     work = Path(args.workdir)

@@ -14,11 +14,14 @@ and each arm's peak RSS is its own):
   worker. Before the first, the model's files are dropped from the page cache and read once
   sequentially (timed), then dropped again: the first job's load is a cold load from disk.
 
-``load_vs_read`` is the first job's ``load_s`` (a cold load: its base read from disk) ÷ that sequential
-read. On the 58 MB --quick model it is mostly the fixed cost of building the modules, so the worker's
-load path is also timed against a read on a larger Llama shape (``load_vs_read_large``: about 0.55 GB,
-built once into build/bench-load-large; bench/bench_model_loading.py --worker-load, a fresh process
-per round).
+``load_vs_read`` is the worker's own cold load of the bench model (``load_base_model`` and the warm
+cache's snapshot: what a job's ``load_s`` counts on a local disk), alone in a fresh process with its
+modules imported, ÷ a sequential read of the same files, the page cache evicted before each
+(bench/bench_model_loading.py --worker-load, once per round). On the 58 MB --quick model it is
+mostly the fixed cost of building the modules, so the same is timed on a larger Llama shape
+(``load_vs_read_large``: 0.5 GB, built once into build/bench-load-large). ``first_job_load_vs_read``
+is the first job's ``load_s`` ÷ the worker arm's read: in a job the load runs beside tokenization,
+sharing the CPU and the GIL with it.
 
 Speed is real (non-padding) tokens per second of training. The last printed line is one JSON object:
 each figure's median over the rounds and its spread (min, max). Measurements, never a test.
@@ -205,7 +208,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         "first_job_load_s": spread([r["first_job_load_s"] for r in worker]),
         "second_job_load_s": spread([r["second_job_load_s"] for r in worker]),
         "second_vs_first_load": spread([r["second_job_load_s"] / r["first_job_load_s"] for r in worker]),
-        "load_vs_read": spread([r["first_job_load_s"] / r["read_s"] for r in worker]),
+        "first_job_load_vs_read": spread([r["first_job_load_s"] / r["read_s"] for r in worker]),
         "tokens_per_second": {arm: spread(v) for arm, v in tps.items()},
         "peak_rss_mb": {arm: spread([r["peak_rss_mb"] for r in rows]) for arm, rows in runs.items()},
     }
@@ -243,13 +246,15 @@ def main() -> None:
             runs[arm].append(row)
             print(f"round {round_} {arm:12s} {row['tokens_per_second']:7.0f} real tok/s "
                   f"({row['tokens']} tokens in {row['train_s']:.1f}s) peak {row['peak_rss_mb']:.0f} MB", flush=True)
-    large = large_loads(ROUNDS)
+    alone = [worker_load(_round_model(work, round_)) for round_ in range(ROUNDS)]
+    large = [worker_load() for _ in range(ROUNDS)]
     import torch
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(work / "model")
     params = _count_parameters(work / "model")
     summary = summarise(runs)
+    summary["load_vs_read"] = spread([r["load_vs_read"] for r in alone])
     summary["load_vs_read_large"] = spread([r["load_vs_read"] for r in large])
     summary["large_model_mb"] = round(large[0]["bytes"] / 1e6, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -259,24 +264,29 @@ def main() -> None:
                     "threads": 1},
         "setup": {"model": f"llama hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
                            f"{params / 1e6:.1f}M parameters (random)", "examples": size["examples"], **COMMON},
-        "seconds": round(time.monotonic() - started, 1), "runs": runs, "large_loads": large,
+        "seconds": round(time.monotonic() - started, 1), "runs": runs, "loads": alone, "large_loads": large,
         "summary": summary}, indent=2) + "\n")
     print(json.dumps(summary))
 
 
-def large_loads(rounds: int) -> list[dict]:
-    """The worker's cold load against a sequential read on the larger model, a fresh process per round."""
-    rows = []
-    for _ in range(rounds):
-        done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_model_loading.py"), "--worker-load",
-                               "--hidden", str(LARGE_LOAD["hidden"]), "--layers", str(LARGE_LOAD["layers"]),
-                               "--workdir", str(LARGE_LOAD["workdir"])], env=_env(), capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"the large-model load failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"large model load {rows[-1]['load_s'] + rows[-1]['snapshot_s']:.2f}s, read {rows[-1]['read_s']:.2f}s "
-              f"({rows[-1]['bytes'] / 1e6:.0f} MB): {rows[-1]['load_vs_read']:.2f}", flush=True)
-    return rows
+def _round_model(work: Path, round_: int) -> Path:
+    return work / f"volume-{round_}" / "models" / "bench-llama"
+
+
+def worker_load(folder: Path | None = None) -> dict:
+    """The worker's cold load against a sequential read, in a fresh process: of ``folder``, or of the
+    larger model (LARGE_LOAD, built on first use)."""
+    where = (["--folder", str(folder)] if folder is not None else
+             ["--hidden", str(LARGE_LOAD["hidden"]), "--layers", str(LARGE_LOAD["layers"]),
+              "--workdir", str(LARGE_LOAD["workdir"])])
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_model_loading.py"), "--worker-load", *where],
+                          env=_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the load of {folder or 'the larger model'} failed:\n{done.stderr[-3000:]}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"load alone {row['load_s'] + row['snapshot_s']:.3f}s, read {row['read_s']:.3f}s "
+          f"({row['bytes'] / 1e6:.0f} MB): {row['load_vs_read']:.2f}", flush=True)
+    return row
 
 
 def _count_parameters(folder: Path) -> int:
