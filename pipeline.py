@@ -61,7 +61,7 @@ from storage.records import (
     stored_request,
 )
 from tracker import Notify, Tracker
-from training.base_cache import BaseLease, BaseModelCache, base_key, standalone
+from training.base_cache import BaseLease, BaseModelCache, base_key, lease_for
 
 logger = logging.getLogger(__name__)
 
@@ -486,8 +486,8 @@ def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, jo
 
 
 def _clean(job_dir: Path) -> None:
-    if job_dir.exists():
-        shutil.rmtree(job_dir)  # an earlier attempt that never finished: start clean
+    if job_dir.exists():  # an earlier attempt that never finished: start clean
+        shutil.rmtree(job_dir)
 
 
 def _time_load(timings: dict[str, float], waited: float, lease: BaseLease | None) -> None:
@@ -501,15 +501,10 @@ def _time_load(timings: dict[str, float], waited: float, lease: BaseLease | None
 
 def _base_lease(base_cache: BaseModelCache | None, settings: WorkerSettings, resolved: ResolvedModel,
                 request) -> AbstractContextManager[BaseLease]:
-    """The base for this job: the warm cache's lease (training/base_cache.py), or, with the cache off,
-    one of its own that frees everything, a load in flight included, when the job ends."""
+    """The base for this job: the warm cache's lease, or its own (cache off; freed when the job ends)."""
     key = base_key(resolved.path, resolved.revision, resolved.fingerprint, request.model_path, request.runtime,
                    request.trust_remote_code, request.local_rank)
-    if base_cache is not None and settings.warm_model_cache:
-        return base_cache.lease(key)
-    if base_cache is not None:
-        base_cache.clear("WARM_MODEL_CACHE is off")
-    return standalone(key)
+    return lease_for(base_cache, settings.warm_model_cache, key)
 
 
 def _artifact_record(stored: StoredArtifact) -> ArtifactRow:

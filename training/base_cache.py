@@ -389,6 +389,16 @@ class BaseModelCache:
         lease.model = None
 
 
+def lease_for(cache: BaseModelCache | None, enabled: bool, key: BaseKey):
+    """The cache's lease on ``key`` when the cache is on (``WARM_MODEL_CACHE``); else a standalone one,
+    the cache's kept base freed first."""
+    if cache is not None and enabled:
+        return cache.lease(key)
+    if cache is not None:
+        cache.clear("WARM_MODEL_CACHE is off")
+    return standalone(key)
+
+
 def _free_memory() -> None:
     gc.collect()
     import torch
