@@ -175,3 +175,20 @@ def test_data_with_no_weighted_turn_fails_before_any_weight_is_read(cache, monke
     assert failed["error"].startswith("dataset: no usable training examples in inline (4 records): 4 dropped: "
                                       "every assistant turn has weight 0 (first: record 1)"), failed
     assert seen.events == [] and not _load_threads()
+
+
+def test_only_data_with_nothing_to_learn_at_all_is_refused_before_tokenizing():
+    from data.normalize import Example
+    from dataset_loader import RawDataset, require_something_to_learn
+    from errors import DatasetError
+
+    unweighted = Example("messages", messages=(("user", "q", False), ("assistant", "a", False)), where="line 1")
+    weighted = Example("messages", messages=(("user", "q", False), ("assistant", "a", True)), where="line 2")
+    text = Example("text", text="plain", where="line 3")
+    for train in ([unweighted, weighted], [unweighted, text]):  # something is left: tokenizing decides
+        require_something_to_learn(RawDataset(train, [], "x", "f.jsonl", "auto"), train_on_inputs=False)
+    require_something_to_learn(RawDataset([unweighted], [], "x", "f.jsonl", "auto"), train_on_inputs=True)
+    with pytest.raises(DatasetError, match=r"no usable training examples in f.jsonl: 2 dropped: every assistant "
+                                           r"turn has weight 0 \(first: line 1\)"):
+        require_something_to_learn(RawDataset([unweighted, unweighted], [], "x", "f.jsonl", "auto"),
+                                   train_on_inputs=False)
