@@ -179,6 +179,21 @@ DROP_HINTS = {
 }
 
 
+UNWEIGHTED = "every assistant turn has weight 0"
+
+
+def require_something_to_learn(raw: RawDataset, *, train_on_inputs: bool) -> None:
+    """Fail now, before any weight is read, when tokenizing would drop every example for having no
+    weighted assistant turn: that is known from the records alone (the error tokenize_dataset gives)."""
+    if train_on_inputs or not raw.train:
+        return
+    if any(not ex.messages or any(role == "assistant" and trained for role, _, trained in ex.messages)
+           for ex in raw.train):
+        return
+    raise DatasetError(f"no usable training examples in {raw.source}: {len(raw.train)} dropped: {UNWEIGHTED} "
+                       f"(first: {raw.train[0].where}); {DROP_HINTS[UNWEIGHTED]}")
+
+
 def tokenize_dataset(raw: RawDataset, tokenizer, *, max_seq_length: int, train_on_inputs: bool
                      ) -> PreparedDataset:
     """Tokenize and mask with the base model's tokenizer; report what was kept, cut and dropped."""

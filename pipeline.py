@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 import uuid
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
@@ -61,7 +61,7 @@ from storage.records import (
     stored_request,
 )
 from tracker import Notify, Tracker
-from training.base_cache import BaseLease, BaseModelCache, base_key
+from training.base_cache import BaseLease, BaseModelCache, base_key, lease_for
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def run(job: TrainingJob, settings: WorkerSettings, notify: Notify | None = None
     started = time.monotonic()
     job_id = job.job_id or "job"
     if job.action == "validate":
-        return _validate(job, settings, Tracker(job_id, None, notify, settings.progress_interval_s))
+        return _validate(job, settings, Tracker(job_id, None, notify, settings.progress_interval_s), base_cache)
     if job.action == "prefetch":
         return _prefetch(job, settings, Tracker(job_id, None, notify, settings.progress_interval_s))
 
@@ -242,24 +242,36 @@ def _locate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> Res
             return None
 
 
-def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resolved: ResolvedModel | None):
+def _read(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resolved: ResolvedModel | None):
     """Read the data (cheap, no tokenizer), check the request against this machine (e.g. 4-bit without
-    CUDA) before any download, fetch the model if needed, tokenize. The runtime itself comes from
-    the memory plan later."""
-    from dataset_loader import load_tokenizer, read_dataset, tokenize_dataset
+    CUDA) before any download, fetch the model if needed, load its tokenizer: every record-level error
+    is found here, before any weight is read. The runtime itself comes from the memory plan later."""
+    from dataset_loader import load_tokenizer, read_dataset, require_something_to_learn
     from training.runtime import check_runnable
 
-    hp = job.hyperparameters
     with tracker.stage("dataset", "dataset_s"):
-        raw = read_dataset(job.dataset, settings, seed=hp.seed)
-    check_runnable(hp)
+        raw = read_dataset(job.dataset, settings, seed=job.hyperparameters.seed)
+        require_something_to_learn(raw, train_on_inputs=job.hyperparameters.train_on_inputs)
+    check_runnable(job.hyperparameters)
     if resolved is None:
         resolved = _resolve(job, settings, tracker)  # the download: counted in resolve_s
     with tracker.stage("dataset", "dataset_s"):
         tokenizer = load_tokenizer(resolved.path, resolved.trust_remote_code)
-        prepared = tokenize_dataset(raw, tokenizer, max_seq_length=hp.max_seq_length,
-                                    train_on_inputs=hp.train_on_inputs)
-    return resolved, tokenizer, prepared
+    return raw, resolved, tokenizer
+
+
+def _tokenize(job: TrainingJob, tracker: Tracker, raw, tokenizer):
+    from dataset_loader import tokenize_dataset
+
+    hp = job.hyperparameters
+    with tracker.stage("dataset", "dataset_s"):
+        return tokenize_dataset(raw, tokenizer, max_seq_length=hp.max_seq_length, train_on_inputs=hp.train_on_inputs)
+
+
+def _prepare(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, resolved: ResolvedModel | None):
+    """The data read, the model fetched if needed, the data tokenized (``validate``: no weights at all)."""
+    raw, resolved, tokenizer = _read(job, settings, tracker, resolved)
+    return resolved, tokenizer, _tokenize(job, tracker, raw, tokenizer)
 
 
 def _init_adapter(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
@@ -291,11 +303,20 @@ def _scratch(folder: Path) -> Iterator[None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _plan_memory(job: TrainingJob, resolved: ResolvedModel, tracker: Tracker):
-    """The memory plan, before any weight is loaded: a job that cannot fit fails here, in seconds."""
+def _plan_memory(job: TrainingJob, resolved: ResolvedModel, tracker: Tracker,
+                 base_cache: BaseModelCache | None = None):
+    """The memory plan, before any weight is loaded: a job that cannot fit fails here, in seconds.
+
+    The plan builds the model on the meta device. transformers sets torch's default dtype for the
+    whole process while it builds a model, so a base an earlier job left loading is waited for first
+    (counted in this job's load_s); the data was read and the tokenizer loaded meanwhile.
+    """
     from training.memory_plan import plan_memory, require_fit
     from training.runtime import plan_runtime
 
+    if base_cache is not None and base_cache.loading:
+        with tracker.stage("model", "stage_s"):
+            base_cache.settle()
     with tracker.stage("train", "plan_s"):
         plan = plan_memory(resolved.path, job.hyperparameters, trust_remote_code=resolved.trust_remote_code)
         runtime = plan_runtime(job.hyperparameters, plan)
@@ -304,7 +325,8 @@ def _plan_memory(job: TrainingJob, resolved: ResolvedModel, tracker: Tracker):
     return plan, runtime
 
 
-def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> dict:
+def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker,
+              base_cache: BaseModelCache | None = None) -> dict:
     with tracker.stage("model", "resolve_s"):
         try:
             located = resolve_model(job.base_model, job.model_revision, settings, download=False)
@@ -315,7 +337,7 @@ def _validate(job: TrainingJob, settings: WorkerSettings, tracker: Tracker) -> d
         with _scratch(workdir):
             _init_adapter(job, settings, tracker, located, workdir)
     resolved, _, prepared = _prepare(job, settings, tracker, located)
-    plan, _ = _plan_memory(job, resolved, tracker)
+    plan, _ = _plan_memory(job, resolved, tracker, base_cache)
     return {"job_id": job.job_id, "status": "valid", "base_model": resolved.to_output(),
             "dataset": prepared.report.to_dict(), "memory_plan": plan.to_dict()}
 
@@ -358,7 +380,7 @@ def _train(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, records
     else:
         with _scratch(_init_workdir(settings, job_id)):
             _train_into(job, settings, tracker, job_dir, cancel, base_cache)
-    for skipped in ("resolve_s", "dataset_s", "plan_s", "load_s", "train_s", "save_s"):
+    for skipped in ("resolve_s", "dataset_s", "plan_s", "load_s", "load_overlap_s", "train_s", "save_s"):
         tracker.timings.setdefault(skipped, 0.0)  # the output keeps its shape when a stage was not needed
 
     if stored is None:
@@ -400,69 +422,89 @@ def _complete_job_folder(job_dir: Path) -> AdapterManifest | None:
 
 def _train_into(job: TrainingJob, settings: WorkerSettings, tracker: Tracker, job_dir: Path,
                 cancel: threading.Event | None = None, base_cache: BaseModelCache | None = None) -> None:
-    """Resolve, prepare, plan, train and save the job folder (adapter, report, manifests last)."""
-    from train_lora import train_lora
+    """Resolve, read, plan, load while tokenizing, train and save the job folder (manifests last).
+
+    The records are read and checked, the model fetched, its tokenizer loaded and the memory plan made
+    before any weight is read, so a bad dataset or a job that cannot fit fails in seconds. Then the
+    base loads in a thread of its own while the data is tokenized here (one process, base not kept);
+    a dataset that tokenizes to nothing fails at once, and its load goes to the warm cache for the
+    next job (training/base_cache.py).
+    """
+    from train_lora import start_loading, train_lora
     from training.request import TrainRequest
 
     job_id = tracker.job_id
-    hp = job.hyperparameters
     located = _locate(job, settings, tracker)
     # An init adapter is verified as soon as the base is on this worker: before the data, if it is.
     init = _init_adapter(job, settings, tracker, located) if located is not None else None
-    resolved, tokenizer, prepared = _prepare(job, settings, tracker, located)
+    raw, resolved, tokenizer = _read(job, settings, tracker, located)
     if located is None:
         init = _init_adapter(job, settings, tracker, resolved)
-    plan, runtime = _plan_memory(job, resolved, tracker)
+    plan, runtime = _plan_memory(job, resolved, tracker, base_cache)
 
     with tracker.stage("model", "stage_s"):
         load = plan_loading(resolved.path, settings.model_load_strategy, settings.local_stage_dir)
-    with tracker.stage("train", "train_s"):
-        if job_dir.exists():
-            shutil.rmtree(job_dir)  # an earlier attempt that never finished: start clean
-        distributed = plan.strategy if plan.strategy in ("ddp", "fsdp") else None
-        request = TrainRequest(
-            model_path=load.path, tokenizer_path=resolved.path, hyperparameters=hp, output_dir=job_dir,
-            # Kept across attempts: a re-delivered job resumes from its newest complete checkpoint.
-            checkpoint_dir=settings.checkpoints_root / job_id,
-            base_model_id=resolved.id, base_revision=resolved.revision, runtime=runtime,
-            trust_remote_code=resolved.trust_remote_code, init_adapter=init.path if init else None,
-            max_train_seconds=settings.max_train_seconds, distributed=distributed,
-        )
-        should_stop = cancel.is_set if cancel is not None else None
-        reused = False
-        if distributed:  # several GPUs: one process each (training/launch.py)
-            from training.launch import train_distributed
+    distributed = plan.strategy if plan.strategy in ("ddp", "fsdp") else None
+    request = TrainRequest(
+        model_path=load.path, tokenizer_path=resolved.path, hyperparameters=job.hyperparameters,
+        output_dir=job_dir,
+        # Kept across attempts: a re-delivered job resumes from its newest complete checkpoint.
+        checkpoint_dir=settings.checkpoints_root / job_id,
+        base_model_id=resolved.id, base_revision=resolved.revision, runtime=runtime,
+        trust_remote_code=resolved.trust_remote_code, init_adapter=init.path if init else None,
+        max_train_seconds=settings.max_train_seconds, distributed=distributed,
+    )
+    should_stop = cancel.is_set if cancel is not None else None
+    if distributed:  # several GPUs: one process each (training/launch.py), each loading its own copy
+        from training.launch import train_distributed
 
-            if base_cache is not None:  # the ranks load their own copies: never reused, and memory is theirs
+        prepared = _tokenize(job, tracker, raw, tokenizer)
+        with tracker.stage("train", "train_s"):
+            _clean(job_dir)
+            if base_cache is not None:  # the ranks' copies need every GPU's memory: the kept one goes
                 base_cache.clear("a multi-process job needs every GPU's memory")
             result = train_distributed(request, prepared, processes=len(plan.device_bytes),
                                        on_progress=tracker.on_train_progress, should_stop=should_stop)
-        else:
-            with _base_lease(base_cache, settings, resolved, request) as lease:
+        lease = None
+    else:
+        with _base_lease(base_cache, settings, resolved, request) as lease:
+            start_loading(request, lease)  # no thread when the kept base is reused
+            prepared = _tokenize(job, tracker, raw, tokenizer)
+            with tracker.stage("train", "train_s"):
+                _clean(job_dir)
                 result = train_lora(request, prepared, tokenizer=tokenizer, on_progress=tracker.on_train_progress,
                                     should_stop=should_stop, base=lease)
-            reused = lease is not None and lease.reused
-    tracker.timings["load_s"] = round(tracker.timings.pop("stage_s") + result.load_seconds, 3)
+    _time_load(tracker.timings, result.load_seconds, lease)
     tracker.timings["train_s"] = round(result.train_seconds, 3)
 
     with tracker.stage("save", "save_s"):
         report = prepared.report
         _write_job_folder(job, resolved, report.to_dict(), result, job_dir, runtime, load, plan, init=init,
-                          reused=reused,
+                          reused=lease is not None and lease.reused,
                           request=request_fingerprint(job, settings, report.sha256, report.eval_sha256))
     result.model = None  # saved: free the weights before the upload
 
 
+def _clean(job_dir: Path) -> None:
+    if job_dir.exists():  # an earlier attempt that never finished: start clean
+        shutil.rmtree(job_dir)
+
+
+def _time_load(timings: dict[str, float], waited: float, lease: BaseLease | None) -> None:
+    """``load_s``: staging plus the load's own duration; ``load_overlap_s``: the part of it that ran
+    while the data was tokenized (so the stages add up to about ``total_s`` plus that). A base
+    kept or joined from an earlier job's load counts the wait for it, overlapping nothing."""
+    own = lease.load_seconds if lease is not None else None
+    timings["load_s"] = round(timings.pop("stage_s") + (own if own is not None else waited), 3)
+    timings["load_overlap_s"] = round(max(own - waited, 0.0), 3) if own is not None else 0.0
+
+
 def _base_lease(base_cache: BaseModelCache | None, settings: WorkerSettings, resolved: ResolvedModel,
-                request) -> AbstractContextManager[BaseLease | None]:
-    """The warm base for this job (training/base_cache.py), or nothing when the cache is off."""
-    if base_cache is None:
-        return nullcontext(None)
-    if not settings.warm_model_cache:
-        base_cache.clear("WARM_MODEL_CACHE is off")
-        return nullcontext(None)
-    return base_cache.lease(base_key(resolved.path, resolved.revision, resolved.fingerprint, request.model_path,
-                                     request.runtime, request.trust_remote_code, request.local_rank))
+                request) -> AbstractContextManager[BaseLease]:
+    """The base for this job: the warm cache's lease, or its own (cache off; freed when the job ends)."""
+    key = base_key(resolved.path, resolved.revision, resolved.fingerprint, request.model_path, request.runtime,
+                   request.trust_remote_code, request.local_rank)
+    return lease_for(base_cache, settings.warm_model_cache, key)
 
 
 def _artifact_record(stored: StoredArtifact) -> ArtifactRow:

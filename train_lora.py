@@ -49,21 +49,18 @@ def train_lora(request: TrainRequest, data: PreparedDataset, *, tokenizer,
     complete one. ``max_train_seconds`` and ``should_stop`` stop at the next step with a checkpoint
     and raise ``TrainingError`` / ``TrainingCancelled`` saying how far it got.
 
-    ``base``: a warm worker's lease (training/base_cache.py). Its model, when it holds one, is used
-    instead of loading; a base loaded here is handed to it; the adapter wrapped around the base is
-    named on it, so the lease can take the adapter out again however training ends.
+    ``base``: a lease on the base (training/base_cache.py). Its model, when it holds one, is used
+    instead of loading, a load it has in flight (``start_loading``) is waited for, and a base loaded
+    here is handed to it; the adapter wrapped around the base is named on it, so the lease can take
+    the adapter out again however training ends.
     """
     hp = request.hyperparameters
     load_started = time.monotonic()
-    if base is not None and base.model is not None:
-        model = base.model
+    if base is not None:  # kept from an earlier job, loading in its thread (start_loading), or loaded now
+        model = base.take(lambda: _load(request))
     else:
-        model = load_base_model(request.model_path, request.runtime, request.trust_remote_code,
-                                local_rank=request.local_rank)
-        if base is not None:
-            base.hold(model)
-            model = base.model
-    load_seconds = time.monotonic() - load_started
+        model = _load(request)
+    load_seconds = time.monotonic() - load_started  # with a load in its thread: only the wait for it
     measured = measure_loaded(model)  # before LoRA: the base's weights, to set against the memory plan
     batching = plan_batching(hp, model.config)
     model, targets = apply_lora(model, request, batching)
@@ -119,6 +116,17 @@ def train_lora(request: TrainRequest, data: PreparedDataset, *, tokenizer,
         kernels=kernels_in_use(model, detect_kernels(request.runtime.device == "cuda")),
         model=model,
     )
+
+
+def start_loading(request: TrainRequest, base: BaseLease) -> None:
+    """Start loading the base in a thread of its own, so the caller can tokenize meanwhile; ``train_lora``
+    with the same lease waits for it. Nothing starts when the lease already holds the base."""
+    base.start_load(lambda: _load(request))
+
+
+def _load(request: TrainRequest):
+    return load_base_model(request.model_path, request.runtime, request.trust_remote_code,
+                           local_rank=request.local_rank)
 
 
 def _run(trainer: SFTTrainer, resume_from: Path | None):

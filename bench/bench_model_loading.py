@@ -9,7 +9,13 @@ side and alternating, from a cold page cache (POSIX_FADV_DONTNEED on every file 
   staged   model_staging.stage_folder (16 MiB sequential reads into a local copy) + from_pretrained
 
 and the raw read pattern underneath each (sequential 16 MiB blocks vs touching every page through a
-memory map in tensor order). Prints medians and the ratio staged/direct. On a local disk staging is
+memory map in tensor order).
+
+``--worker-load`` instead times, once, in this fresh process, the worker's own load path against a
+sequential read of the same files from the same disk (page cache evicted before each): what a job's
+``load_s`` counts on a local disk, ``training.loading.load_base_model`` (fp32 on a CPU) and the warm
+cache's snapshot of the loaded base. One JSON line; bench/run.py runs it once per round for its
+``load_vs_read_large``. Prints medians and the ratio staged/direct. On a local disk staging is
 pure overhead (an extra copy); the case it exists for is a network filesystem, where each small
 read costs a round trip — which this machine cannot reproduce (no network filesystem here).
 """
@@ -96,6 +102,31 @@ def read_mmap_tensor_order(folder: Path) -> float:
     return time.perf_counter() - started
 
 
+def worker_load(folder: Path) -> dict:
+    """The worker's cold load of ``folder`` (its load and the warm cache's snapshot, timed apart) and a
+    sequential read of the same files, each from a cold page cache, in this process."""
+    import torch
+
+    import train_lora  # noqa: F401  imports are not the load: a worker has its modules before its first job
+    from training.base_cache import snapshot
+    from training.loading import load_base_model
+    from training.runtime import Runtime
+
+    torch.set_num_threads(1)
+    evict(folder)
+    read_s = read_sequential(folder)
+    evict(folder)
+    started = time.perf_counter()
+    model = load_base_model(folder, Runtime("cpu", "fp32", "none", False))
+    load_s = time.perf_counter() - started
+    started = time.perf_counter()
+    snapshot(model)
+    snapshot_s = time.perf_counter() - started
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return {"bytes": size, "read_s": read_s, "load_s": load_s, "snapshot_s": snapshot_s,
+            "load_vs_read": (load_s + snapshot_s) / read_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=1024)
@@ -104,12 +135,21 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / "build" / "bench-loading"))
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="serve the model through bench/latency_fs.py, adding this delay to every read")
+    parser.add_argument("--worker-load", action="store_true",
+                        help="time the worker's own load path once against a sequential read (one JSON line)")
+    parser.add_argument("--folder", type=Path, help="with --worker-load: this saved model instead of one built")
     args = parser.parse_args()
 
+    if args.worker_load and args.folder:
+        print(json.dumps(worker_load(args.folder)))
+        return
     from models.staging import filesystem_type, stage_folder
 
     work = Path(args.workdir)
     model = build(work / "model", args.hidden, args.layers)
+    if args.worker_load:
+        print(json.dumps(worker_load(model)))
+        return
     fuse = None
     if args.latency_ms > 0:
         import subprocess

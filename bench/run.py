@@ -14,6 +14,15 @@ and each arm's peak RSS is its own):
   worker. Before the first, the model's files are dropped from the page cache and read once
   sequentially (timed), then dropped again: the first job's load is a cold load from disk.
 
+``load_vs_read`` is the worker's own cold load of the bench model (``load_base_model`` and the warm
+cache's snapshot: what a job's ``load_s`` counts on a local disk), alone in a fresh process with its
+modules imported, ÷ a sequential read of the same files, the page cache evicted before each
+(bench/bench_model_loading.py --worker-load, once per round). On the 58 MB --quick model it is
+mostly the fixed cost of building the modules, so the same is timed on a larger Llama shape
+(``load_vs_read_large``: 0.5 GB, built once into build/bench-load-large). ``first_job_load_vs_read``
+is the first job's ``load_s`` ÷ the worker arm's read: in a job the load runs beside tokenization,
+sharing the CPU and the GIL with it.
+
 Speed is real (non-padding) tokens per second of training. The last printed line is one JSON object:
 each figure's median over the rounds and its spread (min, max). Measurements, never a test.
 """
@@ -44,6 +53,8 @@ SIZES = {"quick": {"hidden_size": 512, "layers": 6, "examples": 64},
 COMMON = {"epochs": 1, "batch_size": 8, "max_seq_length": 512, "lora_r": 16, "lora_alpha": 32,
           "lora_dropout": 0.0, "seed": 42, "learning_rate": 2e-4}
 ARMS = ("padded", "trl_default", "worker")
+# load_vs_read_large: a Llama shape of about 0.55 GB fp32 (vocab 32,000), random weights, built once
+LARGE_LOAD = {"hidden": 768, "layers": 12, "workdir": ROOT / "build" / "bench-load-large"}
 
 
 def _env() -> dict[str, str]:
@@ -197,7 +208,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         "first_job_load_s": spread([r["first_job_load_s"] for r in worker]),
         "second_job_load_s": spread([r["second_job_load_s"] for r in worker]),
         "second_vs_first_load": spread([r["second_job_load_s"] / r["first_job_load_s"] for r in worker]),
-        "load_vs_read": spread([r["first_job_load_s"] / r["read_s"] for r in worker]),
+        "first_job_load_vs_read": spread([r["first_job_load_s"] / r["read_s"] for r in worker]),
         "tokens_per_second": {arm: spread(v) for arm, v in tps.items()},
         "peak_rss_mb": {arm: spread([r["peak_rss_mb"] for r in rows]) for arm, rows in runs.items()},
     }
@@ -237,12 +248,17 @@ def main() -> None:
             runs[arm].append(row)
             print(f"round {round_} {arm:12s} {row['tokens_per_second']:7.0f} real tok/s "
                   f"({row['tokens']} tokens in {row['train_s']:.1f}s) peak {row['peak_rss_mb']:.0f} MB", flush=True)
+    alone = [worker_load(_round_model(work, round_)) for round_ in range(ROUNDS)]
+    large = [worker_load() for _ in range(ROUNDS)]
     import torch
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(work / "model")
     params = _count_parameters(work / "model")
     summary = summarise(runs)
+    summary["load_vs_read"] = spread([r["load_vs_read"] for r in alone])
+    summary["load_vs_read_large"] = spread([r["load_vs_read"] for r in large])
+    summary["large_model_mb"] = round(large[0]["bytes"] / 1e6, 1)
     from bench.gpu import section
 
     summary["gpu"] = section(args.gpu, args.out.with_name(args.out.stem + "-gpu.json"))
@@ -253,8 +269,29 @@ def main() -> None:
                     "threads": 1},
         "setup": {"model": f"llama hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
                            f"{params / 1e6:.1f}M parameters (random)", "examples": size["examples"], **COMMON},
-        "seconds": round(time.monotonic() - started, 1), "runs": runs, "summary": summary}, indent=2) + "\n")
+        "seconds": round(time.monotonic() - started, 1), "runs": runs, "loads": alone, "large_loads": large,
+        "summary": summary}, indent=2) + "\n")
     print(json.dumps(summary))
+
+
+def _round_model(work: Path, round_: int) -> Path:
+    return work / f"volume-{round_}" / "models" / "bench-llama"
+
+
+def worker_load(folder: Path | None = None) -> dict:
+    """The worker's cold load against a sequential read, in a fresh process: of ``folder``, or of the
+    larger model (LARGE_LOAD, built on first use)."""
+    where = (["--folder", str(folder)] if folder is not None else
+             ["--hidden", str(LARGE_LOAD["hidden"]), "--layers", str(LARGE_LOAD["layers"]),
+              "--workdir", str(LARGE_LOAD["workdir"])])
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_model_loading.py"), "--worker-load", *where],
+                          env=_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the load of {folder or 'the larger model'} failed:\n{done.stderr[-3000:]}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"load alone {row['load_s'] + row['snapshot_s']:.3f}s, read {row['read_s']:.3f}s "
+          f"({row['bytes'] / 1e6:.0f} MB): {row['load_vs_read']:.2f}", flush=True)
+    return row
 
 
 def _count_parameters(folder: Path) -> int:
