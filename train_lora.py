@@ -126,7 +126,7 @@ def start_loading(request: TrainRequest, base: BaseLease) -> None:
 
 def _load(request: TrainRequest):
     return load_base_model(request.model_path, request.runtime, request.trust_remote_code,
-                           local_rank=request.local_rank)
+                           local_rank=request.local_rank, world_size=request.world_size)
 
 
 def _run(trainer: SFTTrainer, resume_from: Path | None):

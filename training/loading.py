@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from errors import ModelError
+from training.kernels import attention_implementation, detect_kernels
 from training.moe_quant import expert_quantizing_loader, quantized_expert_parameters, unquantized_expert_parameters
 from training.runtime import Runtime
 
@@ -36,13 +37,18 @@ def quantization_config(quantization: str, compute_dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool = False, local_rank: int = 0):
+def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool = False, local_rank: int = 0,
+                    world_size: int = 1):
     """The base model in the runtime's precision (and quantization), ready for LoRA.
 
-    ``local_rank``: this process's GPU on its machine when several train together (from the request).
+    ``local_rank``: this process's GPU on its machine when several train together (from the request);
+    ``world_size``: how many processes train together.
+
+    On a GPU the model loads straight onto its device (no 16-bit copy of the whole model in host
+    memory, no second copy across the bus) with flash attention where flash-attn is usable. A job
+    whose ranks share the model (FSDP) loads on the host and lets FSDP place the shards.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     quiet_progress_bars()
 
@@ -50,14 +56,14 @@ def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if runtime.quantization != "none":
         kwargs["quantization_config"] = quantization_config(runtime.quantization, dtype)
-        # bitsandbytes quantizes while placing: the whole model on this process's device.
+    if runtime.quantization != "none" or (runtime.device == "cuda" and world_size == 1):
+        # bitsandbytes quantizes while placing, and a GPU job reads each tensor straight onto its
+        # device: the whole model on this process's device.
         kwargs["device_map"] = {"": local_rank if runtime.device == "cuda" else "cpu"}
+    if runtime.device == "cuda":
+        kwargs["attn_implementation"] = attention_implementation(detect_kernels(cuda=True))
     try:
-        if runtime.quantization == "4bit":
-            with expert_quantizing_loader():  # the routed experts too, as each one loads
-                model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+        model = _from_pretrained(model_path, runtime, kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load the base model from {model_path}: {exc}") from exc
     if runtime.quantization == "4bit":
@@ -71,6 +77,26 @@ def load_base_model(model_path: Path, runtime: Runtime, trust_remote_code: bool 
     model.config.use_cache = False  # caches are for generation; they waste memory in training
     return model
 
+
+
+def _from_pretrained(model_path: Path, runtime: Runtime, kwargs: dict[str, Any]):
+    from transformers import AutoModelForCausalLM
+
+    def load(**overrides):
+        if runtime.quantization == "4bit":
+            with expert_quantizing_loader():  # the routed experts too, as each one loads
+                return AutoModelForCausalLM.from_pretrained(str(model_path), **{**kwargs, **overrides})
+        return AutoModelForCausalLM.from_pretrained(str(model_path), **{**kwargs, **overrides})
+
+    try:
+        return load()
+    except ValueError as exc:
+        # transformers refuses an attention implementation a model class does not support while it
+        # builds the model, before any weight is read: fall back to sdpa rather than fail the job.
+        if kwargs.get("attn_implementation") != "flash_attention_2" or "ttention" not in str(exc):
+            raise
+        logger.warning("flash attention is not supported by this model (%s); using sdpa", exc)
+        return load(attn_implementation="sdpa")
 
 
 def require_quantized_experts(model) -> None:
