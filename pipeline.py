@@ -492,8 +492,9 @@ def _clean(job_dir: Path) -> None:
 
 def _time_load(timings: dict[str, float], waited: float, lease: BaseLease | None) -> None:
     """``load_s``: staging plus the load's own duration; ``load_overlap_s``: the part of it that ran
-    while the data was tokenized (so the stages add up to about ``total_s`` plus that). A base
-    kept or joined from an earlier job's load counts the wait for it, overlapping nothing."""
+    while the job went on (tokenizing, then clearing the job folder), so the stages add up to about
+    ``total_s`` plus that. A base kept or joined from an earlier job's load counts the wait for it,
+    overlapping nothing."""
     own = lease.load_seconds if lease is not None else None
     timings["load_s"] = round(timings.pop("stage_s") + (own if own is not None else waited), 3)
     timings["load_overlap_s"] = round(max(own - waited, 0.0), 3) if own is not None else 0.0

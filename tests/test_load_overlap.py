@@ -102,7 +102,8 @@ def test_the_load_starts_before_tokenization_finishes_and_both_are_timed(cache, 
     # each timed on its own: the load in its thread, the tokenization here; the overlap is named
     assert timings["load_s"] >= round(seen.load_seconds[0], 3) - 0.002, (timings, seen.load_seconds)
     assert timings["dataset_s"] >= round(seen.tokenize_seconds[0], 3) - 0.002, (timings, seen.tokenize_seconds)
-    assert 0 < timings["load_overlap_s"] <= min(timings["load_s"], timings["dataset_s"]), timings
+    # the overlap runs from the load's start to train_lora's wait: tokenizing and the train stage's entry
+    assert 0 < timings["load_overlap_s"] <= timings["load_s"], timings
     assert output["base_model"]["load"]["reused"] is False
     assert not _load_threads()
 
