@@ -6,7 +6,9 @@ knows where a job failed.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +52,8 @@ class Tracker:
         except WorkerError:
             raise
         except Exception as exc:  # an unexpected failure still belongs to a stage
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL:  # not a bug: space to free, then retry
+                raise WorkerError(_disk_full(exc), stage=name, retryable=True) from exc
             where = _innermost_frame(exc)
             raise WorkerError(f"unexpected {type(exc).__name__} ({where}): {exc}", stage=name) from exc
         finally:
@@ -84,6 +88,18 @@ class Tracker:
             "learning_rate": event.learning_rate, "tokens_per_second": event.tokens_per_second,
             "eta_s": round(event.eta_s, 1) if event.eta_s is not None else None,
         }, force=event.step == event.total_steps)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: OSError) -> str:
+    """A full disk, in whichever stage: what to do. Nothing half-written counts as done (checkpoints and
+    folders are marked complete last), so the retry loses nothing that was finished."""
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return (f"the disk is full ({os.strerror(exc.errno)}){where}: free space on the volume or give the worker "
+            "a larger one, then send the same job (same job_id) again: it resumes from its newest complete "
+            "checkpoint (or starts over if it has none)")
 
 
 def _innermost_frame(exc: BaseException) -> str:
