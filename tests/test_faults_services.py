@@ -258,6 +258,39 @@ def test_records_down_keeps_the_adapter_and_the_redelivery_writes_each_row_once(
     fault_figures.recover("records-down")
 
 
+def test_records_down_during_training_does_not_hold_it_up(volume, logs, monkeypatch, records_proxy, fault_figures):
+    """Progress rows are written from the training loop: while the service fails, they cost one request
+    per pause, not five attempts with backoff at every step. The result is then recorded on re-delivery."""
+    import pipeline
+
+    server, proxy = records_proxy
+    job = {"id": "rec-train", "input": _small_job("rec-train")}
+    during: list[int] = []
+    with _strikes_when(monkeypatch, pipeline, "_train_into", lambda: proxy.set("503")), \
+            _strikes_when(monkeypatch, pipeline, "_write_job_folder", lambda: during.append(proxy.faulted)):
+        failed = handler.handler(job)
+    fault_figures.inject("records-down-during-training")
+    assert during == [1], f"{during} requests to the failing service while training (want 1)"
+    assert failed.get("error", "").startswith("record: could not write the training_artifacts row for job "
+                                              f"rec-train: Supabase at {proxy.url} answered HTTP 503"), failed
+    assert "progress record not written (the next try in 60s)" in logs.text
+    stored = volume / "artifacts" / "rec-train"
+    trained = json.loads((stored / "adapter" / "manifest.json").read_text())["files"]
+
+    proxy.set("pass")
+    steps = _no_training(monkeypatch)
+    done = handler.handler(job)
+    assert done.get("status") == "succeeded", done
+    assert steps == []
+    problems = fault_figures.lost(losses(volume, "rec-train", done, artifact_rows=server.rows["training_artifacts"],
+                                         job_rows=server.rows["training_jobs"], trained=trained))
+    leaks = fault_figures.leaks(places(volume, outputs=json.dumps([failed, done]), log=logs.text,
+                                       rows=json.dumps(server.rows, default=str)), [PLANTED.hf_token, SERVICE_ROLE_KEY])
+    assert not problems and not leaks, (problems, leaks)
+    assert final_state(server.rows["training_jobs"][0]) == want_final(done)
+    fault_figures.recover("records-down-during-training")
+
+
 # --------------------------------------------------------------------------------------------------
 # the disk full
 
