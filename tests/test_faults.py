@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 
 import pytest
@@ -302,6 +303,14 @@ def test_a_stale_lock_left_by_a_killed_worker_does_not_block_the_job(volume, log
     assert not problems and not leaks, (problems, leaks)
     assert final_state(SqliteRecords(volume / "records.sqlite3").get_job("stale-lock")) == want_final(output)
     fault_figures.recover("stale-lock")
+
+    # The checks behind faults.data_lost do see a loss or a duplicate when there is one.
+    stored = volume / "artifacts" / "stale-lock"
+    shutil.copytree(stored, volume / "artifacts" / ".stale-lock.partial-0")
+    (stored / "adapter" / "adapter_config.json").unlink()
+    seen = losses(volume, "stale-lock", output, artifact_rows=artifact_rows(volume) * 2, job_rows=job_rows(volume))
+    assert [p.split(" ")[0:3] for p in seen] == [["the", "stored", "artifact"], ["the", "artifacts", "folder"],
+                                                 ["2", "artifact", "rows,"]], seen
 
 
 def _hold_training(monkeypatch) -> tuple[threading.Event, threading.Event]:
