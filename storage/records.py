@@ -358,7 +358,8 @@ class SupabaseRecords:
                 self.sleep(delay)
         raise RecordError(
             f"could not {action} the {table} row for job {job_id}: Supabase at {self.url} {reason} "
-            f"({attempts} attempt{'s' if attempts > 1 else ''}); check the project's status, then re-run the job with the same job_id",
+            f"({attempts} attempt{'s' if attempts > 1 else ''}); check the project's status, then re-run the job "
+            "with the same job_id",
             retryable=True,
         )
 
@@ -375,22 +376,20 @@ class SupabaseRecords:
         return _finite({"job_id": job_id, **fields})
 
     def upsert_job(self, job_id: str, update: JobUpdate | dict[str, Any]) -> None:
-        from postgrest.types import ReturnMethod
-
-        table = self.tables["job"]
-        row = self._row(job_id, _columns(JobUpdate, update))
-        self._call("write", table, job_id, lambda: self.client.table(table).upsert(
-            row, on_conflict="job_id", returning=ReturnMethod.minimal))
+        self._write_job(job_id, update)
 
     def upsert_progress(self, job_id: str, update: JobUpdate) -> None:
-        """One attempt, no backoff: progress is written from the training loop, and retries with backoff
-        there (5 attempts, 7.5 s) held every step up while Supabase was down (a 3 s job took 75 s)."""
+        """One attempt, no backoff: progress is written from the training loop, where retries with backoff
+        (5 attempts, 7.5 s) held every step up while Supabase was down (a 3 s job took 75 s)."""
+        self._write_job(job_id, update, attempts=1)
+
+    def _write_job(self, job_id: str, update: JobUpdate | dict[str, Any], attempts: int | None = None) -> None:
         from postgrest.types import ReturnMethod
 
         table = self.tables["job"]
         row = self._row(job_id, _columns(JobUpdate, update))
         self._call("write", table, job_id, lambda: self.client.table(table).upsert(
-            row, on_conflict="job_id", returning=ReturnMethod.minimal), attempts=1)
+            row, on_conflict="job_id", returning=ReturnMethod.minimal), attempts=attempts)
 
     def upsert_artifact(self, job_id: str, row: ArtifactRow | dict[str, Any]) -> str:
         table = self.tables["artifact"]

@@ -103,11 +103,11 @@ class FaultProxy:
         conn.settimeout(5)
         try:
             while True:
-                head = _read_head(conn)
+                head, early = _read_head(conn)
                 if head is None:
                     break
-                length = int(head.get("content-length", "0") or 0)
-                if length and "100-continue" not in head.get("expect", "").lower():
+                length = int(head.get("content-length", "0") or 0) - early  # part of the body came with the head
+                if length > 0 and "100-continue" not in head.get("expect", "").lower():
                     _read_exactly(conn, length)
                 conn.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(SLOW_DOWN), SLOW_DOWN))
@@ -117,17 +117,17 @@ class FaultProxy:
         _close(conn)
 
 
-def _read_head(conn: socket.socket) -> dict[str, str] | None:
+def _read_head(conn: socket.socket) -> tuple[dict[str, str] | None, int]:
+    """A request's headers, and how many bytes of its body were read with them."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
-        if not chunk:
-            return None
+        if not chunk or len(data) > 1 << 20:
+            return None, 0
         data += chunk
-        if len(data) > 1 << 20:
-            return None
-    lines = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}, len(body)
 
 
 def _read_exactly(conn: socket.socket, length: int) -> None:
