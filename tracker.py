@@ -6,7 +6,9 @@ knows where a job failed.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +24,8 @@ Notify = Callable[[dict[str, Any]], None]
 # Where each stage starts on the job's 0..1 progress bar; training fills the span up to "save".
 STAGE_PROGRESS = {"model": 0.01, "dataset": 0.03, "train": 0.05, "save": 0.92, "upload": 0.94,
                   "record": 0.98}
+# After a progress row fails to be written, the next progress rows wait this long (RunPod still gets them).
+RECORDS_PAUSE_S = 60.0
 # A progress update's keys (what RunPod gets) → the job row's columns.
 PROGRESS_COLUMNS = (("progress", "progress"), ("step", "current_step"), ("total_steps", "total_steps"),
                     ("loss", "last_loss"), ("stage", "stage"))
@@ -38,6 +42,7 @@ class Tracker:
         self.timings: dict[str, float] = {}
         self.current = "input"
         self._last_sent = 0.0
+        self._records_paused_until = 0.0
 
     @contextmanager
     def stage(self, name: str, timing: str, *, report: bool = True) -> Iterator[None]:
@@ -50,6 +55,8 @@ class Tracker:
         except WorkerError:
             raise
         except Exception as exc:  # an unexpected failure still belongs to a stage
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL:  # not a bug: space to free, then retry
+                raise WorkerError(_disk_full(exc), stage=name, retryable=True) from exc
             where = _innermost_frame(exc)
             raise WorkerError(f"unexpected {type(exc).__name__} ({where}): {exc}", stage=name) from exc
         finally:
@@ -63,13 +70,15 @@ class Tracker:
         update = {"job_id": self.job_id, **update}
         if self.notify is not None:
             self.notify(update)
-        if self.records is None:
+        if self.records is None or now < self._records_paused_until:
             return
         row = JobUpdate(**{column: update[key] for key, column in PROGRESS_COLUMNS if update.get(key) is not None})
         try:
-            self.records.upsert_job(self.job_id, row)
-        except WorkerError as exc:  # a progress row is not worth failing a paid training run for
-            logger.warning("progress record not written: %s", exc)
+            self.records.upsert_progress(self.job_id, row)
+        except WorkerError as exc:  # a progress row is not worth failing, or holding up, a paid training run for
+            # A service that does not answer costs one timeout per pause, not one per step.
+            self._records_paused_until = now + RECORDS_PAUSE_S
+            logger.warning("progress record not written (the next try in %.0fs): %s", RECORDS_PAUSE_S, exc)
 
     def on_train_progress(self, event) -> None:
         fraction = event.step / event.total_steps if event.total_steps else 0.0
@@ -84,6 +93,18 @@ class Tracker:
             "learning_rate": event.learning_rate, "tokens_per_second": event.tokens_per_second,
             "eta_s": round(event.eta_s, 1) if event.eta_s is not None else None,
         }, force=event.step == event.total_steps)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: OSError) -> str:
+    """A full disk, in whichever stage: what to do. Nothing half-written counts as done (checkpoints and
+    folders are marked complete last), so the retry loses nothing that was finished."""
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return (f"the disk is full ({os.strerror(exc.errno)}){where}: free space on the volume or give the worker "
+            "a larger one, then send the same job (same job_id) again: it resumes from its newest complete "
+            "checkpoint (or starts over if it has none)")
 
 
 def _innermost_frame(exc: BaseException) -> str:

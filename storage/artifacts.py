@@ -23,6 +23,7 @@ manifest in a folder above it), or that would hold one (an owner claim below it)
 from __future__ import annotations
 
 import base64
+import glob
 import hashlib
 import json
 import logging
@@ -182,6 +183,17 @@ class LocalArtifactStore:
         if conflict is not None:
             raise conflict
 
+    @staticmethod
+    def _sweep(final: Path, job_id: str) -> None:
+        """Remove the half-made copies an earlier delivery of this job left when it was killed (a partial
+        copy, or a replaced folder not yet removed): hidden, never published, but each one a whole adapter
+        of disk. Runs under the job lock; should a live delivery's copy be met all the same, its copy fails
+        with a retryable error and its job folder stays, so nothing is lost."""
+        for pattern in (f".{glob.escape(job_id)}.partial-*", f".{glob.escape(job_id)}.stale-*"):
+            for leftover in final.parent.glob(pattern):
+                logger.info("removing %s, left by an earlier delivery of job %s", leftover, job_id)
+                shutil.rmtree(leftover, ignore_errors=True)
+
     def find_complete(self, prefix: str, job_id: str) -> StoredArtifact | None:
         folder = self._folder(prefix, job_id)
         try:
@@ -203,6 +215,7 @@ class LocalArtifactStore:
         _, adapter_manifest = _job_manifests(job_dir)
         self.claim(prefix, job_id)
         final = self._folder(prefix, job_id)
+        self._sweep(final, job_id)
         tmp = final.parent / f".{job_id}.partial-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir(parents=True)

@@ -146,6 +146,10 @@ def now_iso() -> str:
 class Records(Protocol):
     def upsert_job(self, job_id: str, update: JobUpdate | dict[str, Any]) -> None: ...
 
+    def upsert_progress(self, job_id: str, update: JobUpdate) -> None:
+        """A progress write: best effort, tried once (the caller goes on if it fails)."""
+        ...
+
     def upsert_artifact(self, job_id: str, row: ArtifactRow | dict[str, Any]) -> str: ...
 
     def get_job(self, job_id: str) -> dict[str, Any] | None: ...
@@ -201,6 +205,9 @@ class SqliteRecords:
 
     def upsert_job(self, job_id: str, update: JobUpdate | dict[str, Any]) -> None:
         self._upsert("training_jobs", job_id, _columns(JobUpdate, update))
+
+    def upsert_progress(self, job_id: str, update: JobUpdate) -> None:
+        self.upsert_job(job_id, update)
 
     def upsert_artifact(self, job_id: str, row: ArtifactRow | dict[str, Any]) -> str:
         return self._upsert("training_artifacts", job_id, _columns(ArtifactRow, row))
@@ -316,12 +323,14 @@ class SupabaseRecords:
         return cls(settings.supabase_url, settings.supabase_service_role_key,
                    jobs_table=settings.supabase_jobs_table, artifacts_table=settings.supabase_artifacts_table)
 
-    def _call(self, action: str, table: str, job_id: str, request: Callable[[], Any]) -> list[dict[str, Any]]:
+    def _call(self, action: str, table: str, job_id: str, request: Callable[[], Any],
+              attempts: int | None = None) -> list[dict[str, Any]]:
         import httpx
         from postgrest.exceptions import APIError
 
         reason = "failed"
-        for attempt in range(1, self.attempts + 1):
+        attempts = attempts or self.attempts
+        for attempt in range(1, attempts + 1):
             try:
                 with self._lock:
                     return list(request().execute().data or [])
@@ -342,14 +351,15 @@ class SupabaseRecords:
             except httpx.HTTPError as exc:
                 raise RecordError(f"could not {action} the {table} row for job {job_id}: "
                                   f"{type(exc).__name__}: {exc}") from exc
-            if attempt < self.attempts:
+            if attempt < attempts:
                 delay = min(self.backoff_s * 2 ** (attempt - 1), self.MAX_BACKOFF_S)
                 logger.warning("%s %s for job %s: Supabase %s; retry %d of %d in %.1fs", action, table,
-                               job_id, reason, attempt, self.attempts - 1, delay)
+                               job_id, reason, attempt, attempts - 1, delay)
                 self.sleep(delay)
         raise RecordError(
             f"could not {action} the {table} row for job {job_id}: Supabase at {self.url} {reason} "
-            f"({self.attempts} attempts); check the project's status, then re-run the job with the same job_id",
+            f"({attempts} attempt{'s' if attempts > 1 else ''}); check the project's status, then re-run the job "
+            "with the same job_id",
             retryable=True,
         )
 
@@ -366,12 +376,20 @@ class SupabaseRecords:
         return _finite({"job_id": job_id, **fields})
 
     def upsert_job(self, job_id: str, update: JobUpdate | dict[str, Any]) -> None:
+        self._write_job(job_id, update)
+
+    def upsert_progress(self, job_id: str, update: JobUpdate) -> None:
+        """One attempt, no backoff: progress is written from the training loop, where retries with backoff
+        (5 attempts, 7.5 s) held every step up while Supabase was down (a 3 s job took 75 s)."""
+        self._write_job(job_id, update, attempts=1)
+
+    def _write_job(self, job_id: str, update: JobUpdate | dict[str, Any], attempts: int | None = None) -> None:
         from postgrest.types import ReturnMethod
 
         table = self.tables["job"]
         row = self._row(job_id, _columns(JobUpdate, update))
         self._call("write", table, job_id, lambda: self.client.table(table).upsert(
-            row, on_conflict="job_id", returning=ReturnMethod.minimal))
+            row, on_conflict="job_id", returning=ReturnMethod.minimal), attempts=attempts)
 
     def upsert_artifact(self, job_id: str, row: ArtifactRow | dict[str, Any]) -> str:
         table = self.tables["artifact"]
