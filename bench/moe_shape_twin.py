@@ -161,6 +161,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "qwen3-next-shape-twin")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=5, help="training steps on a GPU")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads while building the twin (1 on a shared CPU; all of a GPU machine's)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the fresh process
     args = parser.parse_args()
     folder = args.out / f"layers{args.layers}-experts{args.experts}"
@@ -169,7 +171,7 @@ def main() -> int:
         return 0
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     folder.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     build_twin(folder, args.layers, args.experts)

@@ -10,15 +10,19 @@
 #      what it has: torch, transformers, accelerate, peft stay the machine's own), with no registry;
 #   3. checks that the worker imports and runs its start-up fitness checks with a GPU required;
 #   4. runs `make test-gpu` (the gpu-marked tests; pytest directly where make is missing);
-#   5. runs the GPU section of the benchmark, bench/gpu.py: an 8B-shape Llama (random bf16 weights built
+#   5. runs issue 11's shape twin on CUDA (bench/moe_shape_twin.py: two of Qwen3-Next-80B-A3B's layers at
+#      their real shapes with all 512 experts, through the worker's 4-bit path: bytes against the plan,
+#      extrapolated to the 80B, and torch.cuda.max_memory_allocated after loading and over 3 LoRA steps);
+#   6. runs the GPU section of the benchmark, bench/gpu.py: an 8B-shape Llama (random bf16 weights built
 #      on the GPU), the worker through handler.handler against a padded Trainer + PEFT, real tokens/s and
 #      MFU, with and without padding-free (and flash attention where flash-attn imports), and a warm
 #      worker's second load;
 # and writes everything to RESULTS_DIR (default build/gpu-check, and $OUT when the device runner sets
-# it): results.md for BENCHMARKS.md's GPU section, the raw logs, junit.xml and gpu-bench.json/.md.
-# Budget: under 8 minutes on one H100/H200-class card (GPU_CHECK_BUDGET_S, default 450 s): steps 1-3
-# take about a minute, the tests at most 240 s, the benchmark what is left (at most 210 s; each of its
-# parts has its own timeout, and what finished is kept). Exit status: the tests'.
+# it): results.md for BENCHMARKS.md's GPU section, the raw logs, junit.xml, shape-twin.json and
+# gpu-bench.json/.md.
+# Budget: 8 minutes on one H100/H200-class card (GPU_CHECK_BUDGET_S, default 480 s): steps 1-3 take
+# about a minute, the tests at most 220 s, the twin at most 110 s, the benchmark what is left (at most
+# 210 s); each part has its own timeout, and what finished is kept. Exit status: the tests'.
 # A rehearsal on a CPU machine (every GPU test skips; the benchmark runs its tiny shape on the CPU):
 #   GPU_PY=.venv/bin/python GPU_CHECK_REQUIRE_GPU=false bash scripts/gpu-check.sh
 set -uo pipefail
@@ -29,7 +33,7 @@ site=$PWD/build/gpu-site
 mkdir -p "$results" "$site"
 log() { echo "gpu-check: $*" | tee -a "$results/gpu-check.log" >&2; }
 started=$(date +%s)
-budget=${GPU_CHECK_BUDGET_S:-450}
+budget=${GPU_CHECK_BUDGET_S:-480}
 left() { echo $(( budget - ($(date +%s) - started) )); }
 at_most() { echo $(( $1 < $2 ? $1 : $2 )); }
 
@@ -112,7 +116,7 @@ log "worker imports and fitness checks pass"
 
 # 4. The gpu-marked tests (-s: the tests print their figures).
 pytest_args=(-s --junitxml="$results/junit.xml" -o junit_logging=system-out)
-tests_timeout=$(at_most $(( $(left) - 120 )) 240)  # the benchmark keeps at least 2 minutes
+tests_timeout=$(at_most $(( $(left) - 220 )) 220)  # the shape twin and the benchmark keep their minutes
 [ "$tests_timeout" -ge 60 ] || tests_timeout=60
 if command -v make > /dev/null; then
     timeout "$tests_timeout" make --no-print-directory test-gpu GPU_PY="$py" PYTEST_ARGS="${pytest_args[*]}" \
@@ -127,7 +131,24 @@ tests_rc=$?
 tail -25 "$results/test-gpu.log" >&2
 log "make test-gpu exited $tests_rc after $(( $(date +%s) - started ))s"
 
-# 5. The GPU section of the benchmark (bench/gpu.py): the 8B shape on CUDA; without CUDA (a rehearsal,
+# 5. Issue 11's shape twin on the GPU: two of Qwen3-Next-80B-A3B's layers at their real shapes, all 512
+# experts, loaded through the worker's 4-bit path; bytes per group against the plan, extrapolated to
+# the 80B, and torch.cuda.max_memory_allocated after loading and over a few LoRA steps.
+twin_rc=0
+twin_budget=$(at_most $(( $(left) - 130 )) 110)  # the benchmark keeps at least 2 minutes
+if ! "$py" -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))['gpu'] else 1)" "$results/versions.json"; then
+    log "shape twin not run: no CUDA (a rehearsal)"; twin_rc=-1
+elif [ "$twin_budget" -lt 45 ]; then
+    log "shape twin not run: ${twin_budget}s left for it"; twin_rc=124
+else
+    timeout "$twin_budget" "$py" bench/moe_shape_twin.py --device cuda --layers 2 --experts 512 --steps 3 \
+        --threads "$(nproc)" --out "${TMPDIR:-/tmp}/gpu-check-twin" > "$results/shape-twin.json" 2> "$results/shape-twin.log" \
+        || twin_rc=$?
+    rm -rf "${TMPDIR:-/tmp}/gpu-check-twin"
+    log "shape twin exited $twin_rc after $(( $(date +%s) - started ))s"
+fi
+
+# 6. The GPU section of the benchmark (bench/gpu.py): the 8B shape on CUDA; without CUDA (a rehearsal,
 # GPU_CHECK_REQUIRE_GPU=false) the same code on its tiny shape on the CPU.
 bench_rc=0
 bench_args=()
@@ -147,10 +168,11 @@ else
 fi
 
 # results.md: what goes into BENCHMARKS.md's GPU section.
-"$py" - "$results" "$tests_rc" "$bench_rc" "$(( $(date +%s) - started ))" <<'PY'
+"$py" - "$results" "$tests_rc" "$bench_rc" "$(( $(date +%s) - started ))" "$twin_rc" <<'PY'
 import json, re, sys, xml.etree.ElementTree as ET
 from pathlib import Path
 results, tests_rc, bench_rc, seconds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+twin_rc = int(sys.argv[5])
 versions = json.loads((results / "versions.json").read_text())
 lines = ["## GPU check (scripts/gpu-check.sh)", "", f"Command: `bash scripts/gpu-check.sh`, {seconds} s in all.", "",
          (results / "machine.txt").read_text().strip(), "",
@@ -167,6 +189,13 @@ log = (results / "test-gpu.log").read_text(errors="replace") if (results / "test
 figures = [l for l in log.splitlines() if re.match(r"^(memory plan|eager|sdpa|flash_attention_2)\b", l.strip())]
 if figures:
     lines += ["", "Figures printed by the tests:", "", "```", *figures, "```"]
+twin = results / "shape-twin.json"
+if twin_rc != -1:
+    lines += ["", f"### Shape twin: bench/moe_shape_twin.py --device cuda --layers 2 --experts 512 (exit {twin_rc})", ""]
+    try:
+        lines += ["```json", json.dumps(json.loads(twin.read_text()), indent=1), "```"]
+    except (OSError, ValueError):
+        lines += ["No results: see shape-twin.log."]
 bench = results / "gpu-bench.md"
 lines += ["", f"### Benchmark: bench/gpu.py (exit {bench_rc}; figures in gpu-bench.json, logs in gpu-bench-*.log)", ""]
 lines += [bench.read_text().strip() if bench.is_file() else "No results: see bench.log."]
