@@ -125,8 +125,11 @@ def _run_train(job: TrainingJob, settings: WorkerSettings, notify: Notify | None
     try:
         stored, record_id = _train(job, settings, tracker, records, request, cancel, base_cache)
     except WorkerError as exc:
+        tracker.close()  # no progress row after the final one
         _record_failure(records, job_id, exc, settings)
         raise
+    finally:
+        tracker.close()
     tracker.timings["total_s"] = round(time.monotonic() - started, 3)
     output = _train_output(job_id, stored, record_id, tracker.timings, _cost(tracker.timings, settings))
     try:

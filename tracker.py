@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +43,7 @@ class Tracker:
         self.timings: dict[str, float] = {}
         self.current = "input"
         self._last_sent = 0.0
-        self._records_paused_until = 0.0
+        self._writer = _ProgressWriter(job_id, records) if records is not None else None
 
     @contextmanager
     def stage(self, name: str, timing: str, *, report: bool = True) -> Iterator[None]:
@@ -70,15 +71,15 @@ class Tracker:
         update = {"job_id": self.job_id, **update}
         if self.notify is not None:
             self.notify(update)
-        if self.records is None or now < self._records_paused_until:
-            return
-        row = JobUpdate(**{column: update[key] for key, column in PROGRESS_COLUMNS if update.get(key) is not None})
-        try:
-            self.records.upsert_progress(self.job_id, row)
-        except WorkerError as exc:  # a progress row is not worth failing, or holding up, a paid training run for
-            # A service that does not answer costs one timeout per pause, not one per step.
-            self._records_paused_until = now + RECORDS_PAUSE_S
-            logger.warning("progress record not written (the next try in %.0fs): %s", RECORDS_PAUSE_S, exc)
+        if self._writer is not None:
+            self._writer.submit(JobUpdate(**{column: update[key] for key, column in PROGRESS_COLUMNS
+                                             if update.get(key) is not None}))
+
+    def close(self) -> None:
+        """Stop writing progress rows: a row still being written is waited for and the unwritten ones
+        dropped, so no progress row can land after the job's final row (which the caller writes next)."""
+        if self._writer is not None:
+            self._writer.close()
 
     def on_train_progress(self, event) -> None:
         fraction = event.step / event.total_steps if event.total_steps else 0.0
@@ -93,6 +94,61 @@ class Tracker:
             "learning_rate": event.learning_rate, "tokens_per_second": event.tokens_per_second,
             "eta_s": round(event.eta_s, 1) if event.eta_s is not None else None,
         }, force=event.step == event.total_steps)
+
+
+class _ProgressWriter:
+    """Writes a job's progress rows in a thread of its own, so training never waits on the records
+    service: only the newest row waiting is written (a row supersedes the one before it), and after a
+    failed write the rows of the next ``RECORDS_PAUSE_S`` are dropped (RunPod still gets every update).
+    A service that hangs costs this thread its timeout, never a training step."""
+
+    def __init__(self, job_id: str, records: Records):
+        self.job_id = job_id
+        self.records = records
+        self._waiting: JobUpdate | None = None
+        self._closed = False
+        self._paused_until = 0.0
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, row: JobUpdate) -> None:
+        with self._ready:
+            if self._closed or time.monotonic() < self._paused_until:
+                return
+            self._waiting = row
+            if self._thread is None:  # started with the first row: validate and prefetch write none
+                self._thread = threading.Thread(target=self._run, name=f"progress-{self.job_id}", daemon=True)
+                self._thread.start()
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while self._waiting is None and not self._closed:
+                    self._ready.wait()
+                if self._closed:
+                    return
+                row, self._waiting = self._waiting, None
+            try:
+                self.records.upsert_progress(self.job_id, row)
+            except WorkerError as exc:  # a progress row is not worth failing, or holding up, a paid run for
+                with self._ready:
+                    self._paused_until = time.monotonic() + RECORDS_PAUSE_S
+                    self._waiting = None
+                logger.warning("progress record not written (the next try in %.0fs): %s", RECORDS_PAUSE_S, exc)
+            except Exception:  # never let the writer die silently while the job goes on
+                logger.exception("progress record not written")
+
+    def close(self, timeout_s: float = 120.0) -> None:
+        with self._ready:
+            self._closed = True
+            self._waiting = None
+            self._ready.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)  # bounded by the records client's own timeout and retries
+            if self._thread.is_alive():
+                logger.warning("a progress row for job %s is still being written after %.0fs; the final row "
+                               "is written now and may be overwritten by it", self.job_id, timeout_s)
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
