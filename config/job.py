@@ -200,7 +200,8 @@ class Hyperparameters(StrictModel):
         description="How the frozen base is held: 'auto' is the memory plan's pick (none if the model "
                     "fits in 16 bits, else 4bit; none on a CPU); 4bit (QLoRA: NF4, double "
                     "quantization, bf16 compute; a mixture-of-experts model's routed experts too, "
-                    "frozen) runs where bitsandbytes does, a CPU included; 8bit needs a CUDA GPU.")
+                    "frozen unless target_modules names them) runs where bitsandbytes does, a CPU "
+                    "included; 8bit needs a CUDA GPU.")
     gradient_checkpointing: Literal["auto"] | bool = Field(
         default="auto",
         description="Recompute activations in the backward pass: less memory, about a third more "

@@ -60,7 +60,9 @@ def test_qwen3_next_80b_weights_by_group_as_bitsandbytes_stores_them(qwen3_next_
     assert q4.lora_parameters < 0.05e9
     # one MoE layer's experts dequantized twice over (forward recompute and backward), in bf16
     assert q4.expert_dequant_bytes == 2 * 512 * 2048 * 1536 * 2
-    assert "needs them in 16 bits" in q4.expert_lora and "4 GPUs of 80 GiB with FSDP" in q4.expert_lora
+    # what naming the experts would take: in 4-bit more than one 80 GiB GPU holds, in 16 bits four of them
+    assert "with the experts in 4-bit: 85 GiB on one device" in q4.expert_lora
+    assert "needs a GPU of at least 93 GiB" in q4.expert_lora and "4 GPUs of 80 GiB with FSDP" in q4.expert_lora
 
     # LoRA r=16 on every expert: 512 experts × 48 layers of rank-16 blocks, with AdamW state.
     assert bf16.lora_parameters / 1e9 == pytest.approx(2.24, abs=0.01)
@@ -128,11 +130,45 @@ def test_the_plan_is_in_the_output_and_a_too_big_job_fails_in_seconds(volume, mo
     assert json.dumps(failed).count("GiB") >= 3
 
 
-def test_expert_lora_is_refused_under_4bit_and_keeps_auto_in_16_bits(qwen3_next_80b):
-    experts = ["q_proj", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+EXPERTS = ["q_proj", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def test_expert_lora_on_4bit_experts_is_planned_with_its_adapter_and_working_set(qwen3_next_80b):
+    frozen = plan_memory(qwen3_next_80b, hp(quantization="4bit", target_modules=["q_proj"]), cuda=True,
+                         devices=[80 * GiB])
+    plan = plan_memory(qwen3_next_80b, hp(quantization="4bit", target_modules=EXPERTS), cuda=True,
+                       devices=[80 * GiB])
+    assert plan.quantized_experts and plan.quantization == "4bit"
+    # r=16 on every expert: 48 layers × 512 experts × 16 × ((2048 + 1024) + (2048 + 512))
+    assert plan.expert_lora_parameters == 48 * 512 * 16 * (3072 + 2560)
+    assert plan.lora_parameters == frozen.lora_parameters + plan.expert_lora_parameters
+    assert plan.lora_bytes == plan.lora_parameters * 8  # TRL's bf16 adapter under QLoRA
+    layer = 512 * 2048 * 1536  # one MoE layer's experts: gate_up [E, 2I, H] + down [E, H, I]
+    # dequantized W twice (forward recompute, backward), plus the adapted W + BA and its gradient, bf16
+    assert frozen.expert_dequant_bytes == 2 * layer * 2 and plan.expert_dequant_bytes == 4 * layer * 2
+    assert plan.weight_bytes == frozen.weight_bytes
+    assert plan.per_device_bytes - frozen.per_device_bytes == (
+        plan.lora_bytes - frozen.lora_bytes + plan.expert_dequant_bytes - frozen.expert_dequant_bytes)
+    assert not plan.fits and 84 * GiB < plan.per_device_bytes < 86 * GiB
+    h200 = plan_memory(qwen3_next_80b, hp(quantization="4bit", target_modules=EXPERTS), cuda=True,
+                       devices=[141 * GiB])
+    assert h200.fits and h200.strategy == "single"
+    # auto: 16 bits on one GPU does not fit, 4-bit with expert LoRA on an H200 does
+    auto = plan_memory(qwen3_next_80b, hp(target_modules=EXPERTS), cuda=True, devices=[141 * GiB])
+    assert auto.fits and auto.quantization == "4bit" and auto.expert_lora_parameters > 2e9
+
+
+def test_expert_lora_on_4bit_is_refused_with_another_peft_and_keeps_auto_in_16_bits(qwen3_next_80b, monkeypatch):
+    from training import expert_lora
+
+    real = expert_lora.metadata.version
+    monkeypatch.setattr(expert_lora.metadata, "version", lambda name: "0.22.0" if name == "peft" else real(name))
     with pytest.raises(InputError) as info:
-        plan_memory(qwen3_next_80b, hp(quantization="4bit", target_modules=experts), cuda=True,
+        plan_memory(qwen3_next_80b, hp(quantization="4bit", target_modules=EXPERTS), cuda=True,
                     devices=[80 * GiB])
     assert "routed experts" in str(info.value) and "quantization 'none'" in str(info.value)
-    plan = plan_memory(qwen3_next_80b, hp(target_modules=experts), cuda=True, devices=[80 * GiB] * 4)
+    assert "peft 0.22.0 is installed" in str(info.value)
+    plan = plan_memory(qwen3_next_80b, hp(target_modules=EXPERTS), cuda=True, devices=[141 * GiB])
+    assert plan.quantization == "none" and not plan.fits and "needs the experts in 16 bits" in plan.expert_lora
+    plan = plan_memory(qwen3_next_80b, hp(target_modules=EXPERTS), cuda=True, devices=[80 * GiB] * 4)
     assert plan.quantization == "none" and plan.expert_lora_parameters > 2e9

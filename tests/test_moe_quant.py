@@ -108,7 +108,8 @@ def test_a_target_peft_silently_skips_fails_before_training_naming_it(model_fact
     assert "adapted without being asked: " in message and "mlp.experts.gate_up_proj" in message
 
 
-def test_auto_targets_never_routers_and_drop_4bit_experts(model_factory):
+def test_auto_targets_never_routers_and_drop_4bit_experts(model_factory, monkeypatch):
+    from training import expert_lora
     from training.targets import resolve_targets
 
     model = AutoModelForCausalLM.from_pretrained(model_factory("qwen3_next"), dtype=torch.float32)
@@ -118,8 +119,13 @@ def test_auto_targets_never_routers_and_drop_4bit_experts(model_factory):
     assert {"q_proj", "in_proj_qkvz", "in_proj_ba", "out_proj", "mlp.shared_expert.up_proj"} <= set(full.modules)
     quantized = resolve_targets(model, "auto", quantized_experts=True)
     assert quantized.modules == full.modules and quantized.parameters == []
+    # named, 4-bit experts are adapted (training/expert_lora.py) — with the peft its fixes were written for
+    named = resolve_targets(model, ["q_proj", "experts.down_proj"], quantized_experts=True)
+    assert named.parameters == ["mlp.experts.down_proj"]
     from errors import InputError
 
+    real = expert_lora.metadata.version
+    monkeypatch.setattr(expert_lora.metadata, "version", lambda name: "0.22.0" if name == "peft" else real(name))
     with pytest.raises(InputError, match="routed experts"):
         resolve_targets(model, ["q_proj", "experts.down_proj"], quantized_experts=True)
 

@@ -44,10 +44,12 @@ def test_qwen3_next_80b_on_one_80_gib_gpu(config_only):
     assert plan["groups_gib"]["routed_experts"] == pytest.approx(37.14, abs=0.01)
     assert "16-bit (quantization 'none'): " in words and "does not fit" in words
     assert "FITS on 1 GPU(s) of 80 GiB" in words and "routed_experts" in words
-    assert "LoRA on the routed experts" in words and "needs them in 16 bits" in words
+    # LoRA on the routed experts too: 4-bit experts can be adapted; one 80 GiB GPU is too small for it
+    assert "LoRA on the routed experts (2.21 B parameters) with the experts in 4-bit: 85 GiB" in words
+    assert "needs a GPU of at least 93 GiB" in words
 
 
-def test_a_job_file_is_planned_and_expert_lora_on_4bit_is_refused(config_only, tmp_path):
+def test_a_job_file_is_planned_with_expert_lora_on_4bit(config_only, tmp_path):
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"input": {"dataset": "d.jsonl", "hyperparameters": {
         "quantization": "none", "max_seq_length": 1024}}}))
@@ -59,8 +61,14 @@ def test_a_job_file_is_planned_and_expert_lora_on_4bit_is_refused(config_only, t
 
     job.write_text(json.dumps({"dataset": "d.jsonl", "hyperparameters": {
         "quantization": "4bit", "target_modules": ["q_proj", "mlp.experts.gate_up_proj"]}}))
-    refused = _plan("--base", str(config_only), "--gpus", "1x80", "--input", str(job))
-    assert refused.returncode == 2 and "routed experts" in refused.stderr
+    one = _plan("--base", str(config_only), "--gpus", "1x80", "--input", str(job))
+    assert one.returncode == 0, one.stderr
+    plan, words = _json_and_words(one.stdout)
+    assert plan["quantization"] == "4bit" and not plan["fits"] and plan["expert_lora_parameters"] > 1e9
+    assert "DOES NOT FIT on 1 GPU(s) of 80 GiB" in words
+    h200 = _plan("--base", str(config_only), "--gpus", "1x141", "--input", str(job))
+    plan, words = _json_and_words(h200.stdout)
+    assert plan["quantization"] == "4bit" and plan["fits"] and plan["expert_lora_parameters"] > 1e9
 
 
 def test_bad_gpus_is_a_usage_error(config_only):

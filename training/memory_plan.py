@@ -11,9 +11,12 @@ parameter group:
   Qwen3-Next-80B-A3B 97% of the weights), each at bitsandbytes' exact NF4 bytes with its
   quantization state; what stays unquantized is fp32 then (peft's k-bit preparation upcasts it);
 - LoRA parameters with their gradients and AdamW state (fp32: 16 bytes a parameter; bf16 under
-  QLoRA, where TRL casts the adapter to bf16: 8 bytes); never on 4-bit experts (refused);
+  QLoRA, where TRL casts the adapter to bf16: 8 bytes); on 4-bit experts only when named in
+  target_modules ('auto' leaves them frozen) and the installed peft is the one
+  training/expert_lora.py fixes (else refused);
 - 4-bit experts are dequantized one layer at a time for the forward and backward pass: two
-  layers' worth in 16 bits with gradient checkpointing, every layer's without;
+  layers' worth in 16 bits with gradient checkpointing, every layer's without; with LoRA on them
+  also the adapted copy (W + BA) and its gradient, two more layers' worth;
 - activations for one micro-batch (batch_size × max_seq_length), with and without gradient
   checkpointing, and the logits;
 - a fixed CUDA context and allocator margin;
@@ -29,12 +32,13 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from errors import ModelError, TrainingError
 from models.safetensors import SafetensorsError, read_weight_headers
+from training.expert_lora import unsupported_reason
 from training.moe_quant import nf4_bytes
 from training.plan_shape import Shape, measure, model_skeleton
 from training.runtime import (
@@ -44,7 +48,7 @@ from training.runtime import (
     this_machine,
 )
 from training.skeleton import Skeleton
-from training.targets import refuse_expert_lora_on_4bit
+from training.targets import expert_lora_on_4bit_refusal
 
 GiB = 1024**3
 LORA_BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 moments
@@ -199,16 +203,27 @@ def _quantized(kind: str, quantization: str) -> bool:
 
 
 def _lora_parameters(shape: Shape, quantization: str) -> int:
-    """LoRA on 4-bit experts is refused; 'auto' then adapts everything but the experts."""
-    return shape.lora_parameters + (shape.expert_lora_parameters if quantization != "4bit" else 0)
+    """On 4-bit experts only when named: 'auto' then adapts everything but the experts."""
+    return shape.lora_parameters + (shape.expert_lora_parameters if _experts_adapted(shape, quantization) else 0)
+
+
+def _experts_adapted(shape: Shape, quantization: str) -> bool:
+    return bool(shape.expert_lora_parameters) and (quantization != "4bit" or shape.explicit_expert_targets)
 
 
 def _dequantized_experts(shape: Shape, quantization: str, precision: str, checkpointing: bool) -> int:
-    """4-bit experts are dequantized for use: two layers at a time with checkpointing, else kept for backward."""
+    """4-bit experts are dequantized for use: two layers at a time with checkpointing, else kept for backward.
+
+    With LoRA on them, each use also makes the adapted copy W + BA (kept for backward without
+    checkpointing) and, in backward, its gradient: both the size of the layer's experts in 16 bits
+    (docs/moe-expert-quantization-research.md §5).
+    """
     if quantization != "4bit" or not shape.expert_layer_elements:
         return 0
     layers = shape.expert_layer_elements
     kept = 2 * max(layers) if checkpointing else sum(layers) + max(layers)
+    if _experts_adapted(shape, quantization):
+        kept += 2 * max(layers) if checkpointing else sum(layers) + max(layers)
     return kept * DTYPE_BYTES[precision]
 
 
@@ -286,18 +301,21 @@ def plan_memory(model_dir: str | Path, hp, *, cuda: bool | None = None, devices:
     checkpointing = choose_checkpointing(hp.gradient_checkpointing, cuda)
     tokens = hp.batch_size * hp.max_seq_length
 
-    def attempt(quantization: str, *, shard: bool, tokens: int = tokens, checkpointing: bool = checkpointing):
+    def attempt(quantization: str, *, shard: bool, tokens: int = tokens, checkpointing: bool = checkpointing,
+                shape: Shape = shape):
         return _fit(shape, quantization=quantization, precision=precision, devices=devices, cuda=cuda,
                     tokens=tokens, checkpointing=checkpointing, shard=shard)
 
-    if hp.quantization == "4bit" and shape.explicit_expert_targets and shape.expert_layer_elements:
-        raise refuse_expert_lora_on_4bit(list(shape.expert_targets))
+    refusal = expert_lora_on_4bit_refusal(list(shape.expert_targets)) if (
+        shape.explicit_expert_targets and shape.expert_layer_elements) else None
+    if hp.quantization == "4bit" and refusal is not None:
+        raise refusal
     if hp.quantization != "auto":
         candidates = [(hp.quantization, False)] + ([(hp.quantization, True)] if cuda and len(devices) > 1
                                                    and hp.quantization == "none" else [])
     elif cuda:
         candidates = [("none", False)] + ([("none", True)] if len(devices) > 1 else [])
-        if not (shape.explicit_expert_targets and shape.expert_layer_elements):  # expert LoRA needs 16 bits
+        if refusal is None:  # expert LoRA on 4-bit experts needs training/expert_lora.py's peft
             candidates.append(("4bit", False))
     else:
         candidates = [(choose_quantization("auto", False, None), False)]
@@ -334,17 +352,25 @@ def plan_memory(model_dir: str | Path, hp, *, cuda: bool | None = None, devices:
 
 
 def _expert_lora_needs(shape: Shape, attempt, devices: list[int], cuda: bool) -> str:
-    """What LoRA on the routed experts takes: 16-bit experts (4-bit ones cannot be adapted), and where that fits."""
+    """What LoRA on the routed experts takes, in 4-bit (when the installed peft allows it) and in 16 bits."""
     if not shape.expert_layer_elements:
         return ""
     if not shape.expert_lora_parameters:
         return ("LoRA on the routed experts: not requested (list 'mlp.experts.gate_up_proj' and "
-                "'mlp.experts.down_proj' in target_modules, with quantization 'none')")
-    fit, parts = attempt("none", shard=False)
-    lora = shape.expert_lora_parameters * LORA_BYTES_PER_PARAMETER
-    words = (f"LoRA on the routed experts ({shape.expert_lora_parameters / 1e9:.2f} B parameters, "
-             f"{lora / GiB:.1f} GiB with gradients and AdamW state) needs them in 16 bits: 4-bit experts "
-             f"cannot be adapted; {fit.per_device_bytes / GiB:.0f} GiB on one device")
+                "'mlp.experts.down_proj' in target_modules)")
+    named = replace(shape, explicit_expert_targets=True)  # what naming the experts would add under 4-bit
+    words = f"LoRA on the routed experts ({shape.expert_lora_parameters / 1e9:.2f} B parameters)"
+    reason = unsupported_reason()
+    if reason is None:
+        fit, parts = attempt("4bit", shard=False, shape=named)
+        words += (f" with the experts in 4-bit: {fit.per_device_bytes / GiB:.0f} GiB on one device "
+                  f"(LoRA with optimizer state {parts['lora_bytes'] / GiB:.1f} GiB, expert dequantization "
+                  f"{parts['expert_dequant_bytes'] / GiB:.1f} GiB), "
+                  + ("fits here" if fit.fits else f"needs a GPU of at least {_gpu_for(fit):.0f} GiB") + "; ")
+    else:
+        words += f" needs the experts in 16 bits ({reason}): "
+    fit, parts = attempt("none", shard=False, shape=named)
+    words += f"in 16 bits {fit.per_device_bytes / GiB:.0f} GiB on one device"
     size = min(devices) if devices else 0
     usable = size * USABLE_FRACTION
     fixed = parts["activation_bytes"] + parts["overhead_bytes"] + max(
@@ -353,6 +379,11 @@ def _expert_lora_needs(shape: Shape, attempt, devices: list[int], cuda: bool) ->
         n = max(2, math.ceil((parts["weight_bytes"] + parts["lora_bytes"]) / (usable - fixed)))
         words += f", or {n} GPUs of {size / GiB:.0f} GiB with FSDP"
     return words + (" (fits here)" if fit.fits else "")
+
+
+def _gpu_for(fit: Fit) -> float:
+    """The smallest GPU, in GiB, whose usable part holds this fit."""
+    return math.ceil(fit.per_device_bytes / USABLE_FRACTION / GiB)
 
 
 def _alternatives(shape: Shape, hp, attempt, devices: list[int], cuda: bool, checkpointing: bool) -> list[str]:
@@ -373,7 +404,8 @@ def _alternatives(shape: Shape, hp, attempt, devices: list[int], cuda: bool, che
                     out.append(f"{n} GPUs of {size / GiB:.0f} GiB with FSDP in {'bf16' if q == 'none' else q} "
                                f"(about {(spread / n + fixed) / GiB:.0f} GiB each)")
             if q == "4bit" and fit.fits and hp.quantization != "4bit":
-                frozen = " with the routed experts in 4-bit and frozen" if shape.expert_layer_elements else ""
+                frozen = (" with the routed experts in 4-bit" + ("" if _experts_adapted(shape, q) else " and frozen")
+                          if shape.expert_layer_elements else "")
                 out.append(f"quantization '4bit'{frozen} ({fit.per_device_bytes / GiB:.0f} GiB per GPU)")
     if not checkpointing:
         fit, _ = attempt(base_q, shard=False, checkpointing=True)

@@ -13,23 +13,41 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import set_seed
 
 from errors import TrainingError
+from training import expert_lora
 from training.moe_quant import quantized_expert_parameters
 from training.request import TrainRequest
-from training.targets import EXCLUDED_MODULES, Targets, lora_dropout_for, resolve_targets
+from training.targets import (
+    EXCLUDED_MODULES,
+    Targets,
+    expert_lora_on_4bit_refusal,
+    lora_dropout_for,
+    resolve_targets,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def apply_lora(model, request: TrainRequest, batching: str):
     """(the PeftModel, the Targets peft really adapted); logs what is trained and how."""
+    quantized = bool(quantized_expert_parameters(model))
     if request.init_adapter is not None:
+        saved = LoraConfig.from_pretrained(str(request.init_adapter))
+        refusal = expert_lora_on_4bit_refusal(list(saved.target_parameters)) if (
+            quantized and saved.target_parameters) else None
+        if refusal is not None:
+            raise refusal
         with targets_as_written():
-            model = PeftModel.from_pretrained(model, str(request.init_adapter), is_trainable=True)
+            if quantized and saved.target_parameters:  # stock loading would nest the 4-bit wrappers wrongly
+                model = expert_lora.load_onto_quantized(model, str(request.init_adapter), is_trainable=True)
+            else:
+                model = PeftModel.from_pretrained(model, str(request.init_adapter), is_trainable=True)
         targets = _continued_targets(model.peft_config["default"])
     else:
-        config, targets = _new_lora(model, request)
+        config, targets = _new_lora(model, request, quantized)
         with targets_as_written():
             model = get_peft_model(model, config)
+        if quantized and targets.parameters:
+            expert_lora.renest(model)  # the plain base's order: the adapter loads onto the 16-bit base
     verify_adapted(model, targets)
     trainable, total = model.get_nb_trainable_parameters()
     active = model.peft_config["default"]
@@ -41,10 +59,14 @@ def apply_lora(model, request: TrainRequest, batching: str):
     return model, targets
 
 
-def _new_lora(model, request: TrainRequest) -> tuple[LoraConfig, Targets]:
+def _new_lora(model, request: TrainRequest, quantized: bool) -> tuple[LoraConfig, Targets]:
     hp = request.hyperparameters
-    targets = resolve_targets(model, hp.target_modules,
-                              quantized_experts=bool(quantized_expert_parameters(model)))
+    targets = resolve_targets(model, hp.target_modules, quantized_experts=quantized)
+    parameters = targets.parameters
+    if quantized and parameters:
+        # peft matches a 4-bit (parametrized) tensor only by its full path, and needs its fixes
+        expert_lora.install()
+        parameters = expert_lora.full_names(model, parameters)
     dropout = lora_dropout_for(hp, targets)
     set_seed(hp.seed)  # the LoRA init draws from the RNG: same seed, same starting adapter
     return LoraConfig(
@@ -53,7 +75,7 @@ def _new_lora(model, request: TrainRequest) -> tuple[LoraConfig, Targets]:
         lora_dropout=dropout,
         use_rslora=hp.use_rslora,
         target_modules=targets.modules,
-        target_parameters=targets.parameters or None,
+        target_parameters=parameters or None,
         bias="none",
         task_type="CAUSAL_LM",
     ), targets

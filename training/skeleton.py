@@ -64,7 +64,7 @@ def skeleton_of_module(model) -> Skeleton:
             modules.append(Module(name, LINEAR, module.in_features, module.out_features))
         elif _is_experts(name, module, nn):
             own = tuple((p, tuple(param.shape)) for p, param in module.named_parameters(recurse=False)
-                        if param.ndim == 3)
+                        if param.ndim == 3) + _parametrized_3d(module)
             if own:
                 modules.append(Module(name, EXPERTS, parameters=own))
     config = model.config.get_text_config()
@@ -79,6 +79,18 @@ def skeleton_of_module(model) -> Skeleton:
         vocab_size=getattr(config, "vocab_size", 0) or 0,
         experts_per_token=getattr(config, "num_experts_per_tok", 1) or 1,
     )
+
+
+def _parametrized_3d(module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """3-D tensors held as parametrizations (routed experts in 4-bit, training/moe_quant.py), by the
+    shape they stand for; a 4-bit one is read from its quantization state, never dequantized."""
+    out = []
+    for name, stack in getattr(module, "parametrizations", {}).items():
+        state = getattr(stack[0], "quant_state", None)
+        shape = tuple(state.shape) if state is not None else tuple(getattr(module, name).shape)
+        if len(shape) == 3:
+            out.append((name, shape))
+    return tuple(out)
 
 
 def _is_experts(name: str, module, nn) -> bool:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from config.job import Hyperparameters
 from errors import InputError, ModelError
+from training.expert_lora import PEFT_VERSION, unsupported_reason
 from training.skeleton import Skeleton, skeleton_of_module
 
 logger = logging.getLogger(__name__)
@@ -82,14 +83,22 @@ def _qualified(leaf: str, paths: dict[str, set[str]], remapped: frozenset[str]) 
     return sorted(paths[leaf]) if leaf in remapped else [leaf]
 
 
-def refuse_expert_lora_on_4bit(names: list[str]) -> InputError:
+def expert_lora_on_4bit_refusal(names: list[str]) -> InputError | None:
+    """The refusal of LoRA on 4-bit routed experts where the installed peft cannot do it, else None.
+
+    training/expert_lora.py makes it work with the peft version its fixes were written for.
+    """
+    reason = unsupported_reason()
+    if reason is None:
+        return None
     return InputError(
         f"hyperparameters.target_modules asks for LoRA on the routed experts ({', '.join(names)}), which "
-        "quantization '4bit' holds in 4-bit: peft 0.21.2 cannot adapt a 4-bit expert tensor (it matches it "
-        "only by its full path, then leaves its LoRA hook stacked on the 4-bit weight so the second step "
-        "fails, and ignores one of the two expert tensors). Drop the expert names from target_modules "
-        "(attention, linear attention and the shared expert stay adapted; 'auto' does that under 4-bit), "
-        "or use quantization 'none' on GPUs that hold the experts in 16 bits"
+        f"quantization '4bit' holds in 4-bit: {reason}, and without those fixes peft cannot adapt a 4-bit "
+        "expert tensor (it matches it only by its full path, then leaves its LoRA hook stacked on the "
+        "4-bit weight so the second step fails, and ignores one of the two expert tensors). Drop the "
+        "expert names from target_modules (attention, linear attention and the shared expert stay "
+        f"adapted; 'auto' does that under 4-bit), install peft {PEFT_VERSION}, or use quantization "
+        "'none' on GPUs that hold the experts in 16 bits"
     )
 
 
@@ -97,9 +106,9 @@ def resolve_targets(model, requested: str | list[str], *, quantized_experts: boo
     """What LoRA adapts: linear projections, plus fused expert weights for mixture-of-experts models.
 
     ``auto``: every linear layer but heads, embeddings and routers, and the fused routed experts
-    (not when ``quantized_experts``: LoRA cannot adapt 4-bit experts). ``all-linear``: the linear
-    layers only. A list: each name is a linear layer's leaf name or path ('mlp.shared_expert.down_proj')
-    or a fused expert parameter ('gate_up_proj', 'experts.down_proj' or 'mlp.experts.down_proj').
+    (not when ``quantized_experts``: LoRA on 4-bit experts is asked for by name, never implied).
+    ``all-linear``: the linear layers only. A list: each name is a linear layer's leaf name or path
+    ('mlp.shared_expert.down_proj') or a fused expert parameter ('gate_up_proj', 'experts.down_proj' or 'mlp.experts.down_proj').
     Where peft would remap a leaf name onto the experts ('gate_proj' on Qwen3-Next's shared expert),
     the Linear layers are named by their paths instead, and ``peft_setup`` keeps peft from rewriting them.
     """
@@ -134,8 +143,9 @@ def resolve_targets(model, requested: str | list[str], *, quantized_experts: boo
             f"hyperparameters.target_modules {missing} match no linear layer or expert weight of this "
             f"model; it has linear layers: {', '.join(sorted(linear))}{fused_text}"
         )
-    if parameters and quantized_experts:
-        raise refuse_expert_lora_on_4bit(parameters)
+    refusal = expert_lora_on_4bit_refusal(parameters) if parameters and quantized_experts else None
+    if refusal is not None:
+        raise refusal
     return Targets(modules, parameters)
 
 
