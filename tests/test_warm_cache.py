@@ -154,3 +154,14 @@ def test_weights_replaced_in_place_or_other_load_settings_are_another_base(tiny_
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # rewritten with the same size
     assert base_key(folder, None, "sha256:x", folder, fp32, False) != key
+
+
+def test_a_mixture_of_experts_base_is_kept_too(cache, volume, model_factory):
+    """TRL turns the config's output_router_logits on for an MoE model's auxiliary loss: the kept base gets
+    its config back as loaded, so the next job reuses it (before, every MoE job loaded afresh)."""
+    shutil.copytree(model_factory("qwen3_moe"), volume / "models" / "tiny-moe")
+    first = _run("moe-1", base_model="tiny-moe")
+    second = _run("moe-2", base_model="tiny-moe", hyperparameters={"seed": 7})
+    assert (first["base_model"]["load"]["reused"], second["base_model"]["load"]["reused"]) == (False, True)
+    kept = cache._model
+    assert kept is not None and kept.config.output_router_logits is False

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -153,6 +154,23 @@ def restore(model, was: _Snapshot) -> None:
     if not was.input_grads_hook and hasattr(model, "_require_grads_hook"):
         model.disable_input_require_grads()
     model.zero_grad(set_to_none=True)
+    _restore_config(model.config, json.loads(was.config))
+
+
+def _restore_config(config, was: dict[str, Any]) -> None:
+    """Put back config values training set (TRL turns ``output_router_logits`` on for an MoE model's
+    auxiliary loss): the kept base is then the base as loaded, and the next job decides again."""
+    from transformers import PretrainedConfig
+
+    now = config.to_dict()
+    for key, value in was.items():
+        if now.get(key) == value:
+            continue
+        current = getattr(config, key, None)
+        if isinstance(current, PretrainedConfig) and isinstance(value, dict):
+            _restore_config(current, value)
+        elif key in vars(config):
+            setattr(config, key, value)
 
 
 def problems(model, was: _Snapshot) -> list[str]:
