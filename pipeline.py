@@ -310,9 +310,9 @@ def _plan_memory(job: TrainingJob, resolved: ResolvedModel, tracker: Tracker,
                  base_cache: BaseModelCache | None = None):
     """The memory plan, before any weight is loaded: a job that cannot fit fails here, in seconds.
 
-    The plan builds the model on the meta device. transformers sets torch's default dtype for the
-    whole process while it builds a model, so a base an earlier job left loading is waited for first
-    (counted in this job's load_s); the data was read and the tokenizer loaded meanwhile.
+    For a family it cannot derive from config.json the plan builds the model on the meta device, and
+    transformers sets torch's default dtype for the whole process while it builds one: a base an
+    earlier job left loading is waited for first (counted in this job's load_s).
     """
     from training.memory_plan import plan_memory, require_fit
     from training.runtime import plan_runtime
