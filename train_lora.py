@@ -180,7 +180,8 @@ def _save_adapter(trainer: SFTTrainer, model, request: TrainRequest) -> Path:
 
 
 def rank_main(spec_path: str) -> int:
-    """One rank: the request from the spec, train, and (rank 0) write the outcome next to it."""
+    """One rank: the request from the spec, train, and write the outcome next to it (rank 0, or a rank
+    that failed)."""
     # The entry point reads torchrun's environment, once; below it, the rank is in the request.
     rank, local_rank, world_size = (int(os.environ.get(name, default)) for name, default in
                                     (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
@@ -200,7 +201,9 @@ def rank_main(spec_path: str) -> int:
         outcome = RankOutcome(result=result)
     except WorkerError as exc:
         outcome = RankOutcome(failure=rank_failure(exc))
-    if rank == 0:
+    # Rank 0 writes the result. A failing rank writes its failure too: torchrun stops the others as
+    # soon as one exits with an error, and rank 0 may be stopped before it has written anything.
+    if rank == 0 or outcome.failure is not None:
         write_json_atomic(work / RESULT_NAME, outcome.model_dump(mode="json"))
     return 0 if outcome.failure is None else 1
 

@@ -78,3 +78,30 @@ def test_a_cancel_stops_every_rank_at_the_same_step_with_a_checkpoint(settings, 
                                    Runtime("cpu", "fp32", "none", False)), data, processes=2,
                           should_stop=lambda: True)
     assert len(list((tmp_path / "ckpt").glob(f"checkpoint-*/{CHECKPOINT_MARKER}"))) == 1
+
+
+def test_a_failing_rank_other_than_0_writes_its_failure(settings, tmp_path, monkeypatch):
+    """torchrun stops every rank as soon as one exits with an error: when rank 1 fails first, rank 0
+    may never write the outcome, so rank 1 writes its own (this raced in CI: 'exited with code 1 and
+    no result' instead of the ranks' error)."""
+    import train_lora
+    from errors import InputError
+    from training.launch import RESULT_NAME, SPEC_NAME, launch_dir
+    from training.result import RankOutcome
+
+    model_dir, _, _, hp = _inputs(settings)
+    request = _request(model_dir, hp, tmp_path / "job", tmp_path / "ckpt", "ddp", Runtime("cpu", "fp32", "none", False))
+    work = launch_dir(request)
+    work.mkdir(parents=True)
+    (work / SPEC_NAME).write_text(request.model_dump_json())
+
+    def fail(*args, **kwargs):
+        raise InputError("hyperparameters.target_modules ['query_key_value'] match no linear layer")
+
+    monkeypatch.setattr(train_lora, "load_dataset", lambda work: None)
+    monkeypatch.setattr(train_lora, "train_lora", fail)
+    for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    assert train_lora.rank_main(str(work / SPEC_NAME)) == 1
+    outcome = RankOutcome.model_validate_json((work / RESULT_NAME).read_text())
+    assert outcome.result is None and "query_key_value" in outcome.failure.message

@@ -6,7 +6,8 @@ train_lora.py SPEC`` and reads the ranks' progress lines from rank 0's stdout. T
 underneath) wraps the model in DDP, or in FSDP when the memory plan says the model does not fit one
 GPU (weights and LoRA state sharded). A cancel becomes a stop file every rank checks at each step;
 MAX_TRAIN_SECONDS travels in the request. Rank 0 writes a ``RankOutcome``: the result, or the error,
-raised again here as the same WorkerError.
+raised again here as the same WorkerError; a rank that fails writes its error too, since torchrun may
+stop rank 0 before it has written.
 
 Nothing here reads the worker's environment: everything the ranks need is in the spec and the folder.
 """

@@ -89,7 +89,7 @@ class RankFailure(BaseModel):
 
 
 class RankOutcome(BaseModel):
-    """What rank 0 writes when a multi-process run ends: the result, or the error that ended it."""
+    """What rank 0 (or a rank that failed) writes when a multi-process run ends: the result, or the error."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
