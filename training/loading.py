@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,9 @@ def _from_pretrained(model_path: Path, runtime: Runtime, kwargs: dict[str, Any])
     from transformers import AutoModelForCausalLM
 
     def load(**overrides):
-        if runtime.quantization == "4bit":
-            with expert_quantizing_loader():  # the routed experts too, as each one loads
-                return AutoModelForCausalLM.from_pretrained(str(model_path), **{**kwargs, **overrides})
-        return AutoModelForCausalLM.from_pretrained(str(model_path), **{**kwargs, **overrides})
+        # 4-bit: the routed experts are quantized too, as each one loads
+        with expert_quantizing_loader() if runtime.quantization == "4bit" else nullcontext():
+            return AutoModelForCausalLM.from_pretrained(str(model_path), **{**kwargs, **overrides})
 
     try:
         return load()
