@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import time
@@ -27,7 +28,7 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.reliability import count, scan, volume_texts
+from tests.reliability import count, plant_environment, scan, volume_texts
 
 OUTPUT_PREFIX = "OUTPUT "
 KILLED_PREFIX = "KILLED "
@@ -320,6 +321,18 @@ class FaultFigures:
         self.places_scanned += len(places)
         return found
 
+    def check_ended_right(self, volume: Path, job_id: str, output: dict, *, job_row: dict | None,
+                          texts: dict[str, str], secrets: list[str], **checks: Any) -> None:
+        """The checks a fault test ends with, counted: nothing lost or duplicated (``losses``, with
+        ``checks``: the rows when they are not the volume's, ``trained``, ``resumed_from``, ``s3``), no
+        secret in ``texts`` or any file on the volume, and ``job_row`` in exactly the job's final state."""
+        if "artifact_rows" not in checks:  # the volume's own records
+            checks.update(artifact_rows=artifact_rows(volume), job_rows=job_rows(volume))
+        problems = self.lost(losses(volume, job_id, output, **checks))
+        leaks = self.leaks(places(volume, **texts), secrets)
+        assert not problems and not leaks, (problems, leaks)
+        assert final_state(job_row) == want_final(output)
+
     def write(self) -> None:
         count("faults", injected=len(self.injected), recovered=len(self.recovered), data_lost=self.data_lost,
               secrets_leaked=self.secrets_leaked, places_scanned=self.places_scanned)
@@ -330,6 +343,40 @@ def module_figures():
     figures = FaultFigures()
     yield figures
     figures.write()
+
+
+def scrubbed_logs(caplog, monkeypatch):
+    """For a ``logs`` fixture: the in-process worker's log lines, with the secrets of
+    ``plant_environment`` in the environment, scrubbed as ``configure_logging`` scrubs every handler
+    (the filter comes off again: pytest keeps one capture handler for the whole run)."""
+    import handler
+    from config.settings import WorkerSettings
+    from errors import ScrubFilter
+
+    plant_environment(monkeypatch)
+    handler.get_settings.cache_clear()
+    caplog.set_level(logging.INFO)
+    scrubber = ScrubFilter(WorkerSettings().secret_values())
+    caplog.handler.addFilter(scrubber)
+    yield caplog
+    caplog.handler.removeFilter(scrubber)
+
+
+def no_training(monkeypatch) -> list[int]:
+    """Training refused (a call fails the job), and every training step counted (there must be none)."""
+    import pipeline
+    import train_lora
+
+    steps: list[int] = []
+    real = pipeline.Tracker.on_train_progress
+
+    def counted(self, event):
+        steps.append(event.step)
+        real(self, event)
+
+    monkeypatch.setattr(train_lora, "train_lora", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(pipeline.Tracker, "on_train_progress", counted)
+    return steps
 
 
 def artifact_rows(volume: Path) -> list[dict]:

@@ -13,7 +13,6 @@ log line, row or file. The figures go to build/reliability.json (``faults``; REL
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import threading
 
@@ -22,24 +21,22 @@ import torch
 from safetensors.torch import load_file
 
 import handler
-from errors import ScrubFilter
 from files import describe_files
 from storage.records import SqliteRecords
 from tests.conftest import small_job
 from tests.fault_injection import (
     artifact_rows,
-    final_state,
     job_rows,
     lock_is_free,
     losses,
     module_figures,
-    places,
+    no_training,
     run_child,
+    scrubbed_logs,
     start_second_delivery,
     wait_for,
-    want_final,
 )
-from tests.reliability import PLANTED, plant_environment
+from tests.reliability import PLANTED
 from training.checkpoints import CHECKPOINT_MARKER
 
 pytestmark = pytest.mark.slow
@@ -52,36 +49,11 @@ def fault_figures():
 
 @pytest.fixture
 def logs(caplog, monkeypatch):
-    """The in-process worker's log lines, scrubbed as ``configure_logging`` scrubs every handler (the
-    filter comes off again: pytest keeps one capture handler for the whole run)."""
-    from config.settings import WorkerSettings
-
-    plant_environment(monkeypatch)
-    caplog.set_level(logging.INFO)
-    scrubber = ScrubFilter(WorkerSettings().secret_values())
-    caplog.handler.addFilter(scrubber)
-    yield caplog
-    caplog.handler.removeFilter(scrubber)
+    yield from scrubbed_logs(caplog, monkeypatch)
 
 
-def _no_training(monkeypatch) -> list[int]:
-    """Training refused (a call fails the job), and every training step counted (there must be none)."""
-    import pipeline
-    import train_lora
-
-    steps: list[int] = []
-    real = pipeline.Tracker.on_train_progress
-
-    def counted(self, event):
-        steps.append(event.step)
-        real(self, event)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("trained again")
-
-    monkeypatch.setattr(train_lora, "train_lora", refuse)
-    monkeypatch.setattr(pipeline.Tracker, "on_train_progress", counted)
-    return steps
+def _job_row(volume, job_id: str) -> dict | None:
+    return SqliteRecords(volume / "records.sqlite3").get_job(job_id)
 
 
 def _checkpoints(volume, job_id: str) -> dict[str, bool]:
@@ -139,12 +111,11 @@ def test_sigkill_during_training_resumes_from_the_last_complete_checkpoint(volum
     assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == 8  # one curve, no step twice
     assert not (volume / "checkpoints" / "kill-train").exists(), "checkpoints outlived the stored adapter"
     assert not (volume / "jobs" / "kill-train").exists()
-    problems = fault_figures.lost(losses(volume, "kill-train", output, artifact_rows=artifact_rows(volume),
-                                         job_rows=job_rows(volume), resumed_from=4))
-    leaks = fault_figures.leaks(places(volume, output=json.dumps(output), log=logs.text, child=child.text), [PLANTED.hf_token])
-    assert not problems and not leaks, (problems, leaks)
-    row = SqliteRecords(volume / "records.sqlite3").get_job("kill-train")
-    assert final_state(row) == want_final(output) and row["current_step"] == 8
+    row = _job_row(volume, "kill-train")
+    fault_figures.check_ended_right(volume, "kill-train", output, job_row=row, resumed_from=4,
+                                    texts=dict(output=json.dumps(output), log=logs.text, child=child.text),
+                                    secrets=[PLANTED.hf_token])
+    assert row["current_step"] == 8
 
     # Same data order and optimizer state: the resumed adapter is the uninterrupted one.
     straight = handler.handler({"id": "x", "input": {**job, "job_id": "straight-through"}})
@@ -169,12 +140,10 @@ def test_sigkill_during_a_checkpoint_save_resumes_from_the_one_before(volume, lo
     assert output.get("status") == "succeeded", output
     assert "checkpoint-4 was never completed" in logs.text
     assert "resuming from checkpoint-2 (step 2)" in logs.text and output["metrics"]["steps"] == 4
-    problems = fault_figures.lost(losses(volume, "kill-save", output, artifact_rows=artifact_rows(volume),
-                                         job_rows=job_rows(volume), resumed_from=2))
-    leaks = fault_figures.leaks(places(volume, output=json.dumps(output), log=logs.text, child=child.text), [PLANTED.hf_token])
-    assert not problems and not leaks, (problems, leaks)
-    row = SqliteRecords(volume / "records.sqlite3").get_job("kill-save")
-    assert final_state(row) == want_final(output)
+    fault_figures.check_ended_right(volume, "kill-save", output, job_row=_job_row(volume, "kill-save"),
+                                    resumed_from=2,
+                                    texts=dict(output=json.dumps(output), log=logs.text, child=child.text),
+                                    secrets=[PLANTED.hf_token])
     fault_figures.recover("sigkill-checkpoint-save")
 
 
@@ -215,21 +184,19 @@ def test_sigkill_during_the_upload_to_s3_stores_the_kept_adapter_without_trainin
     assert not {"kill-upload/manifest.json", "kill-upload/adapter/manifest.json"} & before, before
     trained = [vars(f) for f in describe_files(volume / "jobs" / "kill-upload" / "adapter")]
 
-    steps = _no_training(monkeypatch)
+    steps = no_training(monkeypatch)
     output = _redeliver(job, monkeypatch)
     assert output.get("status") == "succeeded", output
     assert steps == []
     assert not set(sent) & before, "an object stored before the kill was sent again"
     assert sent[-2:] == ["kill-upload/adapter/manifest.json", "kill-upload/manifest.json"]  # manifests last
     assert not (volume / "jobs" / "kill-upload").exists()
-    problems = fault_figures.lost(losses(volume, "kill-upload", output, artifact_rows=artifact_rows(volume),
-                                         job_rows=job_rows(volume), trained=trained, s3=(client, bucket)))
     objects = {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read().decode("utf-8", "replace")
                for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])}
-    leaks = fault_figures.leaks(places(volume, output=json.dumps(output), log=logs.text, child=child.text, **objects),
-                                [PLANTED.hf_token, s3_server.secret_key, s3_server.access_key])
-    assert not problems and not leaks, (problems, leaks)
-    assert final_state(SqliteRecords(volume / "records.sqlite3").get_job("kill-upload")) == want_final(output)
+    fault_figures.check_ended_right(volume, "kill-upload", output, job_row=_job_row(volume, "kill-upload"),
+                                    trained=trained, s3=(client, bucket),
+                                    texts=dict(output=json.dumps(output), log=logs.text, child=child.text, **objects),
+                                    secrets=[PLANTED.hf_token, s3_server.secret_key, s3_server.access_key])
     fault_figures.recover("sigkill-upload-s3")
 
 
@@ -244,16 +211,14 @@ def test_sigkill_during_the_copy_to_the_volume_store_leaves_no_second_copy(volum
     assert list(artifacts.glob(".kill-copy.partial-*"))  # a hidden half copy left behind
     trained = [vars(f) for f in describe_files(volume / "jobs" / "kill-copy" / "adapter")]
 
-    steps = _no_training(monkeypatch)
+    steps = no_training(monkeypatch)
     output = _redeliver(job, monkeypatch)
     assert output.get("status") == "succeeded", output
     assert steps == []
-    problems = fault_figures.lost(losses(volume, "kill-copy", output, artifact_rows=artifact_rows(volume),
-                                         job_rows=job_rows(volume), trained=trained))
-    leaks = fault_figures.leaks(places(volume, output=json.dumps(output), log=logs.text, child=child.text),
-                                [PLANTED.hf_token])
-    assert not problems and not leaks, (problems, leaks)
-    assert final_state(SqliteRecords(volume / "records.sqlite3").get_job("kill-copy")) == want_final(output)
+    fault_figures.check_ended_right(volume, "kill-copy", output, job_row=_job_row(volume, "kill-copy"),
+                                    trained=trained,
+                                    texts=dict(output=json.dumps(output), log=logs.text, child=child.text),
+                                    secrets=[PLANTED.hf_token])
     fault_figures.recover("sigkill-upload-volume")
 
 
@@ -268,18 +233,16 @@ def test_sigkill_during_the_record_write_gives_one_row_without_training(volume, 
     snapshot = {p: p.stat().st_mtime_ns for p in stored.rglob("*")}
     trained = json.loads(written["manifest"])["files"]
 
-    steps = _no_training(monkeypatch)
+    steps = no_training(monkeypatch)
     output = _redeliver(job, monkeypatch)
     assert output.get("status") == "succeeded", output
     assert steps == []
     assert output["record_id"] == written["id"]  # the row written before the kill, not a second one
     assert {p: p.stat().st_mtime_ns for p in stored.rglob("*")} == snapshot  # nothing stored again
-    problems = fault_figures.lost(losses(volume, "kill-record", output, artifact_rows=artifact_rows(volume),
-                                         job_rows=job_rows(volume), trained=trained))
-    leaks = fault_figures.leaks(places(volume, output=json.dumps(output), log=logs.text, child=child.text), [PLANTED.hf_token])
-    assert not problems and not leaks, (problems, leaks)
-    row = SqliteRecords(volume / "records.sqlite3").get_job("kill-record")
-    assert final_state(row) == want_final(output)
+    fault_figures.check_ended_right(volume, "kill-record", output, job_row=_job_row(volume, "kill-record"),
+                                    trained=trained,
+                                    texts=dict(output=json.dumps(output), log=logs.text, child=child.text),
+                                    secrets=[PLANTED.hf_token])
     fault_figures.recover("sigkill-record")
 
 
@@ -297,11 +260,9 @@ def test_a_stale_lock_left_by_a_killed_worker_does_not_block_the_job(volume, log
     output = _redeliver(job, monkeypatch)  # JOB_LOCK_TIMEOUT_S=0: one try at the lock, no wait
     assert output.get("status") == "succeeded", output
     assert "is running in another delivery" not in logs.text
-    problems = fault_figures.lost(losses(volume, "stale-lock", output, artifact_rows=artifact_rows(volume),
-                                         job_rows=job_rows(volume)))
-    leaks = fault_figures.leaks(places(volume, output=json.dumps(output), log=logs.text, child=child.text), [PLANTED.hf_token])
-    assert not problems and not leaks, (problems, leaks)
-    assert final_state(SqliteRecords(volume / "records.sqlite3").get_job("stale-lock")) == want_final(output)
+    fault_figures.check_ended_right(volume, "stale-lock", output, job_row=_job_row(volume, "stale-lock"),
+                                    texts=dict(output=json.dumps(output), log=logs.text, child=child.text),
+                                    secrets=[PLANTED.hf_token])
     fault_figures.recover("stale-lock")
 
     # The checks behind faults.data_lost do see a loss or a duplicate when there is one.
@@ -368,11 +329,8 @@ def test_two_workers_with_one_job_id(volume, logs, monkeypatch, tmp_path, fault_
     waited = second.outputs[1]
     assert waited.get("status") == "succeeded", waited
     assert waited["adapter"] == results["first"]["adapter"] and waited["record_id"] == results["first"]["record_id"]
-    problems = fault_figures.lost(losses(volume, "two-workers", waited, artifact_rows=artifact_rows(volume),
-                                         job_rows=job_rows(volume)))
-    leaks = fault_figures.leaks(places(volume, outputs=json.dumps(results), log=logs.text, second=second.text),
-                                [PLANTED.hf_token])
-    assert not problems and not leaks, (problems, leaks)
     # The last delivery to finish wrote the row: exactly its final state.
-    assert final_state(SqliteRecords(volume / "records.sqlite3").get_job("two-workers")) == want_final(waited)
+    fault_figures.check_ended_right(volume, "two-workers", waited, job_row=_job_row(volume, "two-workers"),
+                                    texts=dict(outputs=json.dumps(results), log=logs.text, second=second.text),
+                                    secrets=[PLANTED.hf_token])
     fault_figures.recover("two-workers-one-job-id")

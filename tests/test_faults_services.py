@@ -15,29 +15,24 @@ the local store's copy failing with ENOSPC (tests/test_storage_local.py).
 from __future__ import annotations
 
 import json
-import logging
 from contextlib import contextmanager
 
 import pytest
 
 import handler
-from errors import ScrubFilter
 from files import describe_files
 from storage.records import SqliteRecords, SupabaseRecords
 from tests.conftest import small_job
 from tests.fault_injection import (
     artifact_rows,
-    final_state,
-    job_rows,
-    losses,
     module_figures,
-    places,
+    no_training,
+    scrubbed_logs,
     torn_write,
-    want_final,
 )
 from tests.fault_proxy import FaultProxy
 from tests.postgrest_server import SERVICE_ROLE_KEY, FakePostgrest
-from tests.reliability import PLANTED, plant_environment
+from tests.reliability import PLANTED
 from training.checkpoints import CHECKPOINT_MARKER
 
 pytestmark = pytest.mark.slow
@@ -50,33 +45,11 @@ def fault_figures():
 
 @pytest.fixture
 def logs(caplog, monkeypatch):
-    """The worker's log lines, scrubbed as ``configure_logging`` scrubs every handler."""
-    from config.settings import WorkerSettings
-
-    plant_environment(monkeypatch)
-    handler.get_settings.cache_clear()
-    caplog.set_level(logging.INFO)
-    scrubber = ScrubFilter(WorkerSettings().secret_values())
-    caplog.handler.addFilter(scrubber)
-    yield caplog
-    caplog.handler.removeFilter(scrubber)
+    yield from scrubbed_logs(caplog, monkeypatch)
 
 
-def _no_training(monkeypatch) -> list[int]:
-    """Training refused (a call fails the job), and every training step counted (there must be none)."""
-    import pipeline
-    import train_lora
-
-    steps: list[int] = []
-    real = pipeline.Tracker.on_train_progress
-
-    def counted(self, event):
-        steps.append(event.step)
-        real(self, event)
-
-    monkeypatch.setattr(train_lora, "train_lora", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(pipeline.Tracker, "on_train_progress", counted)
-    return steps
+def _job_row(volume, job_id: str) -> dict | None:
+    return SqliteRecords(volume / "records.sqlite3").get_job(job_id)
 
 
 def _failures(monkeypatch) -> list:
@@ -174,20 +147,18 @@ def test_s3_fault_keeps_the_adapter_and_the_redelivery_uploads_it(fault, mode, r
 
     # The store is back: the same job is stored from the kept folder, without a training step.
     s3_proxy.set("pass")
-    steps = _no_training(monkeypatch)
+    steps = no_training(monkeypatch)
     done = handler.handler(job)
     assert done.get("status") == "succeeded", done
     assert steps == [] and done["timings"]["train_s"] == 0.0
     assert not kept.exists()
     client = s3_server.client()
-    problems = fault_figures.lost(losses(volume, job_id, done, artifact_rows=artifact_rows(volume),
-                                         job_rows=job_rows(volume), trained=trained, s3=(client, s3_bucket)))
     objects = {o["Key"]: client.get_object(Bucket=s3_bucket, Key=o["Key"])["Body"].read().decode("utf-8", "replace")
                for o in client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])}
-    leaks = fault_figures.leaks(places(volume, outputs=json.dumps([early, failed, done]), log=logs.text, **objects),
-                                secrets)
-    assert not problems and not leaks, (problems, leaks)
-    assert final_state(SqliteRecords(volume / "records.sqlite3").get_job(job_id)) == want_final(done)
+    fault_figures.check_ended_right(volume, job_id, done, job_row=_job_row(volume, job_id),
+                                    trained=trained, s3=(client, s3_bucket),
+                                    texts=dict(outputs=json.dumps([early, failed, done]), log=logs.text, **objects),
+                                    secrets=secrets)
     fault_figures.recover(f"s3-{fault}")
 
 
@@ -242,19 +213,18 @@ def test_records_down_keeps_the_adapter_and_the_redelivery_writes_each_row_once(
 
     # Back: the rows are written, once each, without training or storing again.
     proxy.set("pass")
-    steps = _no_training(monkeypatch)
+    steps = no_training(monkeypatch)
     snapshot = {p: p.stat().st_mtime_ns for p in stored.rglob("*")}
     done = handler.handler(job)
     assert done.get("status") == "succeeded", done
     assert steps == [] and {p: p.stat().st_mtime_ns for p in stored.rglob("*")} == snapshot
-    problems = fault_figures.lost(losses(volume, "rec-down", done, artifact_rows=server.rows["training_artifacts"],
-                                         job_rows=server.rows["training_jobs"], trained=trained))
-    leaks = fault_figures.leaks(places(volume, outputs=json.dumps([early, failed, done]), log=logs.text,
-                                       rows=json.dumps(server.rows, default=str),
-                                       requests=json.dumps([r.body for r in server.requests], default=str)),
-                                [PLANTED.hf_token, SERVICE_ROLE_KEY])
-    assert not problems and not leaks, (problems, leaks)
-    assert final_state(server.rows["training_jobs"][0]) == want_final(done)
+    fault_figures.check_ended_right(volume, "rec-down", done, job_row=server.rows["training_jobs"][0],
+                                    artifact_rows=server.rows["training_artifacts"],
+                                    job_rows=server.rows["training_jobs"], trained=trained,
+                                    texts=dict(outputs=json.dumps([early, failed, done]), log=logs.text,
+                                               rows=json.dumps(server.rows, default=str),
+                                               requests=json.dumps([r.body for r in server.requests], default=str)),
+                                    secrets=[PLANTED.hf_token, SERVICE_ROLE_KEY])
     fault_figures.recover("records-down")
 
 
@@ -278,16 +248,16 @@ def test_records_down_during_training_does_not_hold_it_up(volume, logs, monkeypa
     trained = json.loads((stored / "adapter" / "manifest.json").read_text())["files"]
 
     proxy.set("pass")
-    steps = _no_training(monkeypatch)
+    steps = no_training(monkeypatch)
     done = handler.handler(job)
     assert done.get("status") == "succeeded", done
     assert steps == []
-    problems = fault_figures.lost(losses(volume, "rec-train", done, artifact_rows=server.rows["training_artifacts"],
-                                         job_rows=server.rows["training_jobs"], trained=trained))
-    leaks = fault_figures.leaks(places(volume, outputs=json.dumps([failed, done]), log=logs.text,
-                                       rows=json.dumps(server.rows, default=str)), [PLANTED.hf_token, SERVICE_ROLE_KEY])
-    assert not problems and not leaks, (problems, leaks)
-    assert final_state(server.rows["training_jobs"][0]) == want_final(done)
+    fault_figures.check_ended_right(volume, "rec-train", done, job_row=server.rows["training_jobs"][0],
+                                    artifact_rows=server.rows["training_artifacts"],
+                                    job_rows=server.rows["training_jobs"], trained=trained,
+                                    texts=dict(outputs=json.dumps([failed, done]), log=logs.text,
+                                               rows=json.dumps(server.rows, default=str)),
+                                    secrets=[PLANTED.hf_token, SERVICE_ROLE_KEY])
     fault_figures.recover("records-down-during-training")
 
 
@@ -328,12 +298,9 @@ def test_disk_full_during_a_checkpoint_save(volume, logs, monkeypatch, fault_fig
     done = handler.handler(job)
     assert done.get("status") == "succeeded", done
     assert "checkpoint-4 was never completed" in logs.text
-    problems = fault_figures.lost(losses(volume, "full-ckpt", done, artifact_rows=artifact_rows(volume),
-                                         job_rows=job_rows(volume), resumed_from=2))
-    leaks = fault_figures.leaks(places(volume, outputs=json.dumps([failed, done]), log=logs.text),
-                                [PLANTED.hf_token])
-    assert not problems and not leaks, (problems, leaks)
-    assert final_state(SqliteRecords(volume / "records.sqlite3").get_job("full-ckpt")) == want_final(done)
+    fault_figures.check_ended_right(volume, "full-ckpt", done, job_row=_job_row(volume, "full-ckpt"), resumed_from=2,
+                                    texts=dict(outputs=json.dumps([failed, done]), log=logs.text),
+                                    secrets=[PLANTED.hf_token])
     fault_figures.recover("disk-full-checkpoint")
 
 
@@ -382,10 +349,7 @@ def test_disk_full_while_the_job_folder_is_written(volume, logs, monkeypatch, fa
     full.clear()
     done = handler.handler(job)
     assert done.get("status") == "succeeded", done
-    problems = fault_figures.lost(losses(volume, "full-folder", done, artifact_rows=artifact_rows(volume),
-                                         job_rows=job_rows(volume), resumed_from=2))
-    leaks = fault_figures.leaks(places(volume, outputs=json.dumps([failed, done]), log=logs.text),
-                                [PLANTED.hf_token])
-    assert not problems and not leaks, (problems, leaks)
-    assert final_state(SqliteRecords(volume / "records.sqlite3").get_job("full-folder")) == want_final(done)
+    fault_figures.check_ended_right(volume, "full-folder", done, job_row=_job_row(volume, "full-folder"), resumed_from=2,
+                                    texts=dict(outputs=json.dumps([failed, done]), log=logs.text),
+                                    secrets=[PLANTED.hf_token])
     fault_figures.recover("disk-full-job-folder")
